@@ -1,0 +1,1 @@
+"""The `dualmoe` command and launcher glue for deepspeed and accelerate."""

@@ -1,0 +1,1 @@
+"""MoE: DeepSeek-V3 router, expert-parallel dispatch over physical slots, EPLB placement and rebalancing."""
