@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from typing import NamedTuple
 
 from ..errors import ScheduleError
 from .ir import Action, ActionType, Schedule
@@ -163,17 +164,37 @@ def _message(key: Key, consumer_stage: int) -> tuple[Action, Action]:
     return Action(stage, T.SEND_B, mb), Action(consumer_stage, T.RECV_B, mb)
 
 
-def _cross_rank_messages(schedule: Schedule) -> dict[Key, tuple[int, int, int, Action, Action]]:
-    """key -> (producer rank, consumer rank, consumer step, SEND, RECV) for every transfer between ranks."""
-    messages = {}
+class _Transfer(NamedTuple):
+    """One cross-rank data item: who sends it, who consumes it (at which step of its list), and the two actions."""
+
+    src: int
+    dst: int
+    consumer_step: int
+    send: Action
+    recv: Action
+
+
+def _cross_rank_transfers(schedule: Schedule) -> dict[Key, _Transfer]:
+    """Every data item whose producer and consumer sit on different ranks."""
+    transfers = {}
     for rank, actions in enumerate(schedule.actions):
         for step, action in enumerate(actions):
             for c in action.computations():
                 for key, _ in _needs(schedule, c):
                     producer_rank = schedule.stage_to_rank[key[1]]
                     if key[0] != "I" and producer_rank != rank:
-                        messages[key] = (producer_rank, rank, step, *_message(key, c.stage))
-    return messages
+                        transfers[key] = _Transfer(producer_rank, rank, step, *_message(key, c.stage))
+    return transfers
+
+
+def _recv_slots(transfers: dict[Key, _Transfer], keys_in_send_order: list[Key]) -> list[tuple[int, Action]]:
+    """(compute index to post before, RECV) for one rank pair: the RECVs in send order, each no later than its
+    consumer nor than any later RECV (a suffix minimum over the consumer steps)."""
+    placed: list[tuple[int, Action]] = []
+    for key in reversed(keys_in_send_order):
+        step = transfers[key].consumer_step
+        placed.append((min(step, placed[-1][0]) if placed else step, transfers[key].recv))
+    return placed[::-1]
 
 
 def insert_p2p(schedule: Schedule) -> Schedule:
@@ -187,37 +208,31 @@ def insert_p2p(schedule: Schedule) -> Schedule:
             if not action.is_compute:
                 raise ScheduleError(f"{_where(rank, step, action)}: insert_p2p takes a compute-only schedule")
     validate(schedule)
-    messages = _cross_rank_messages(schedule)
-    sends: list[list[Action]] = []
-    in_send_order: dict[tuple[int, int], list[Key]] = defaultdict(list)  # (src, dst) -> keys in send order
+    transfers = _cross_rank_transfers(schedule)
+    with_sends: list[list[Action]] = []
+    send_order: dict[tuple[int, int], list[Key]] = defaultdict(list)  # (src, dst) -> keys in send order
     for rank, actions in enumerate(schedule.actions):
-        lowered = []
+        with_sends.append([])
         for action in actions:
-            lowered.append(action)
-            for key in (key for c in action.computations() for key in _provides(c) if key in messages):
-                lowered.append(messages[key][3])
-                in_send_order[(rank, messages[key][1])].append(key)
-        sends.append(lowered)
+            with_sends[rank].append(action)
+            for key in (key for c in action.computations() for key in _provides(c) if key in transfers):
+                with_sends[rank].append(transfers[key].send)  # right after the producing compute
+                send_order[(rank, transfers[key].dst)].append(key)
     recvs_before: list[dict[int, list[Action]]] = [defaultdict(list) for _ in range(schedule.num_ranks)]
-    for (_, dst), keys in sorted(in_send_order.items()):
-        # Post each RECV no later than its consumer and no later than any RECV after it (suffix minimum).
-        slot = len(schedule.actions[dst])
-        placed = []
-        for key in reversed(keys):
-            slot = min(slot, messages[key][2])
-            placed.append((slot, messages[key][4]))
-        for slot, recv in reversed(placed):
+    for (_, dst), keys in sorted(send_order.items()):
+        for slot, recv in _recv_slots(transfers, keys):
             recvs_before[dst][slot].append(recv)
-    lowered_actions = []
-    for rank, actions in enumerate(sends):
-        out, compute_index = [], 0
+    lowered = []
+    for rank, actions in enumerate(with_sends):
+        out: list[Action] = []
+        compute_index = 0
         for action in actions:
             if action.is_compute:
                 out += recvs_before[rank][compute_index]
                 compute_index += 1
             out.append(action)
-        lowered_actions.append(tuple(out))
-    return schedule.with_actions(tuple(lowered_actions))
+        lowered.append(tuple(out))
+    return schedule.with_actions(tuple(lowered))
 
 
 def _pair_order(schedule: Schedule) -> dict[tuple[int, int], tuple[list, list]]:

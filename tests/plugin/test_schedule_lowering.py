@@ -3,6 +3,8 @@ every schedule kind, P in 1..8 and several m."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from dualmoe.errors import ScheduleError
 from dualmoe.schedule import SCHEDULE_KINDS, Action, ActionType, Schedule, generate
@@ -203,3 +205,10 @@ def test_split_backward_only_where_selected() -> None:
 def test_generate_rejects_unknown_kind() -> None:
     with pytest.raises(ScheduleError, match=r"schedule kind 'gpipe' is unknown; valid kinds: 1f1b, zb1p"):
         generate("gpipe", 2, 4)
+
+
+@pytest.mark.parametrize(("kind", "num_ranks", "num_microbatches"), [("dualpipev", 4, 10), ("dualpipe", 4, 8)])
+def test_insert_p2p_matches_pinned_golden(kind: str, num_ranks: int, num_microbatches: int) -> None:
+    path = Path(__file__).resolve().parents[1] / "golden" / f"{kind}_p{num_ranks}_m{num_microbatches}_lowered.txt"
+    golden = "\n".join(line for line in path.read_text().splitlines() if not line.startswith("#"))
+    assert insert_p2p(generate(kind, num_ranks, num_microbatches)).to_text() == golden
