@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from ..errors import ScheduleError
 from .ir import COMM_TYPES, COMPUTE_TYPES, Action, ActionType, Schedule
+from .lowering import check_p2p_order, insert_p2p, split_backward, validate
 
 __all__ = [
     "COMM_TYPES",
@@ -14,7 +15,11 @@ __all__ = [
     "Action",
     "ActionType",
     "Schedule",
+    "check_p2p_order",
     "generate",
+    "insert_p2p",
+    "split_backward",
+    "validate",
 ]
 
 # Names are what users type in "pipeline": {"schedule": ...} and `dualmoe schedule --kind`.
