@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -110,6 +111,7 @@ class _LinearWork:
     g: Tensor
     weight: Tensor | None  # None when frozen
     bias: Tensor | None  # None when absent or frozen
+    graph_task: int = -1  # autograd's id of the backward call that produced g
     versions: tuple[int, ...] = ()
 
     @property
@@ -159,6 +161,8 @@ class WeightGradQueue:
         self._storages: dict[tuple[str, int], list[int]] = {}
         self._held_bytes = 0
         self._peak_held_bytes = 0
+        # Backward may run on an autograd device thread while the engine thread reads the queue.
+        self._lock = threading.Lock()
 
     # ---- capture --------------------------------------------------------------------------
     @property
@@ -195,25 +199,30 @@ class WeightGradQueue:
         self._add(_Closure(fn, tuple(held)))
 
     def _add(self, work: _Work) -> None:
-        self._work[self._capture_key].append(work)
-        for t in work.held:
-            sid = _storage_id(t)
-            entry = self._storages.get(sid)
-            if entry is None:
-                self._storages[sid] = [t.untyped_storage().nbytes(), 1]
-                self._held_bytes += self._storages[sid][0]
-            else:
-                entry[1] += 1
-        self._peak_held_bytes = max(self._peak_held_bytes, self._held_bytes)
+        with self._lock:
+            self._work[self._capture_key].append(work)
+            self._account(work.held, +1)
 
     def _release(self, work: _Work) -> None:
-        for t in work.held:
+        with self._lock:
+            self._account(work.held, -1)
+
+    def _account(self, held: tuple[Tensor, ...], sign: int) -> None:
+        for t in held:
             sid = _storage_id(t)
-            entry = self._storages[sid]
-            entry[1] -= 1
-            if entry[1] == 0:
-                self._held_bytes -= entry[0]
-                del self._storages[sid]
+            entry = self._storages.get(sid)
+            if sign > 0 and entry is None:
+                nbytes = t.untyped_storage().nbytes()
+                self._storages[sid] = [nbytes, 1]
+                self._held_bytes += nbytes
+            elif sign > 0:
+                entry[1] += 1
+            else:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    self._held_bytes -= entry[0]
+                    del self._storages[sid]
+        self._peak_held_bytes = max(self._peak_held_bytes, self._held_bytes)
 
     # ---- W ----------------------------------------------------------------------------------
     def run(self, key: Hashable) -> None:
@@ -232,15 +241,18 @@ class WeightGradQueue:
             )
         if self._capturing and self._capture_key == key:
             raise ScheduleError(f"W for key {key!r} while its backward is still being captured")
-        works = self._work.pop(key)
-        # Parameters hit by several GEMMs of this key are summed first (autograd's input buffer).
-        remaining: dict[int, int] = {}
+        with self._lock:
+            works = self._work.pop(key)
+        # A parameter hit by several GEMMs of one backward call is summed first, as autograd's input
+        # buffer does; separate backward calls (retain_graph, reentrant checkpoints) accumulate apart.
+        remaining: dict[tuple[int, int], int] = {}
         for work in works:
             if isinstance(work, _LinearWork):
                 for p in (work.weight, work.bias):
                     if p is not None:
-                        remaining[id(p)] = remaining.get(id(p), 0) + 1
-        partial: dict[int, Tensor] = {}
+                        slot = (id(p), work.graph_task)
+                        remaining[slot] = remaining.get(slot, 0) + 1
+        partial: dict[tuple[int, int], Tensor] = {}
         works.reverse()  # pop() from the end = backward order, freeing each item as it runs
         while works:
             work = works.pop()
@@ -252,20 +264,27 @@ class WeightGradQueue:
                 # W runs in the dtypes captured at B, whatever autocast region the engine is in.
                 with torch.no_grad(), torch.autocast(work.g.device.type, enabled=False):
                     if work.weight is not None:
-                        self._collect(work.weight, work.weight_grad(), remaining, partial)
+                        self._collect(work.weight, work.weight_grad(), work.graph_task, remaining, partial)
                     if work.bias is not None:
-                        self._collect(work.bias, work.bias_grad(), remaining, partial)
+                        self._collect(work.bias, work.bias_grad(), work.graph_task, remaining, partial)
             finally:
                 self._release(work)
             del work
 
-    def _collect(self, param: Tensor, grad: Tensor, remaining: dict[int, int], partial: dict[int, Tensor]) -> None:
-        pid = id(param)
-        remaining[pid] -= 1
-        if pid in partial:
-            grad = partial.pop(pid) + grad
-        if remaining[pid] > 0:
-            partial[pid] = grad
+    def _collect(
+        self,
+        param: Tensor,
+        grad: Tensor,
+        graph_task: int,
+        remaining: dict[tuple[int, int], int],
+        partial: dict[tuple[int, int], Tensor],
+    ) -> None:
+        slot = (id(param), graph_task)
+        remaining[slot] -= 1
+        if slot in partial:
+            grad = partial.pop(slot) + grad
+        if remaining[slot] > 0:
+            partial[slot] = grad
             return
         accumulate_grad(param, grad)
         if self.on_accumulate is not None:
@@ -282,10 +301,11 @@ class WeightGradQueue:
 
     def clear(self) -> None:
         """Drop every pending work item without running it and free what it held."""
-        for works in self._work.values():
-            for work in works:
-                self._release(work)
-        self._work.clear()
+        with self._lock:
+            for works in self._work.values():
+                for work in works:
+                    self._account(work.held, -1)
+            self._work.clear()
 
     def held_bytes(self) -> int:
         """Bytes of the distinct tensor storages kept alive by pending work."""
@@ -343,8 +363,11 @@ class _SplitLinearFn(torch.autograd.Function):
         compute_dtype: torch.dtype | None,
     ) -> Tensor:
         ctx.queue, ctx.compute_dtype = queue, compute_dtype
-        # x is needed only for dW. The parameters are saved for identity (and dx); they cost nothing.
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, bias)
+        # Parameter identity for W: saved tensors may unpack as other objects (checkpointing, offload hooks).
+        ctx.weight_param, ctx.bias_param = weight, bias
+        # Save exactly what plain autograd saves: x only for dW, the weight only for dx.
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
         if compute_dtype is None:
             return F.linear(x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
@@ -352,7 +375,7 @@ class _SplitLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, bias = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         queue, compute_dtype = ctx.queue, ctx.compute_dtype
         grad_x = None
@@ -363,8 +386,11 @@ class _SplitLinearFn(torch.autograd.Function):
                 grad_x = torch.mm(g.reshape(-1, g.shape[-1]), w).reshape(*g.shape[:-1], w.shape[-1])
             if not (need_w or need_b):
                 return grad_x, None, None, None, None
-            work = _LinearWork(x=x, g=g, weight=weight if need_w else None, bias=bias if need_b else None)
+            work = _LinearWork(
+                x=x, g=g, weight=ctx.weight_param if need_w else None, bias=ctx.bias_param if need_b else None
+            )
             if queue.capturing:
+                work.graph_task = torch._C._current_graph_task_id()
                 work.stamp()
                 queue._add(work)
                 return grad_x, None, None, None, None
@@ -432,15 +458,22 @@ class _SplitLinearForward:
         self.linear = linear
         self.queue = queue
 
-    @torch.compiler.disable
-    def __call__(self, x: Tensor) -> Tensor:
-        return split_linear(x, self.linear.weight, self.linear.bias, self.queue)
+    def __call__(self, input: Tensor) -> Tensor:  # same parameter name as nn.Linear.forward
+        return split_linear(input, self.linear.weight, self.linear.bias, self.queue)
 
     def __getstate__(self) -> tuple[nn.Linear, WeightGradQueue]:
         return (self.linear, self.queue)
 
     def __setstate__(self, state: tuple[nn.Linear, WeightGradQueue]) -> None:
         self.linear, self.queue = state
+
+
+def _exclude_from_compile() -> None:
+    # Dynamo would bake `queue.capturing` in at trace time (and inductor changes the bits), so a
+    # hooked forward always runs eagerly. Done on first install: importing torch._dynamo costs ~1 s.
+    call = _SplitLinearForward.__call__
+    if not getattr(call, "_torchdynamo_disable", False):
+        _SplitLinearForward.__call__ = torch.compiler.disable(call)
 
 
 def _is_stock_linear(module: nn.Module) -> bool:
@@ -461,6 +494,7 @@ def install(module: nn.Module, queue: WeightGradQueue) -> int:
     Returns:
         Number of submodules now using `queue` (hooked Linears plus `set_weight_grad_queue` modules).
     """
+    _exclude_from_compile()
     count = 0
     for sub in module.modules():
         if isinstance(sub, SupportsWeightGradQueue):
