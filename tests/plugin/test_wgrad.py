@@ -256,7 +256,7 @@ def test_wgrad_after_input_backward_only_linear_inputs_stay_alive() -> None:
     assert queue.held_bytes() < activation_bytes + held_dy
 
 
-def test_wgrad_frozen_weight_with_bias_holds_output_grad_only() -> None:
+def test_wgrad_frozen_weight_with_bias_holds_bias_grad_only() -> None:
     layer = nn.Linear(HIDDEN, 4)
     layer.weight.requires_grad_(False)
     queue = WeightGradQueue()
@@ -265,7 +265,7 @@ def test_wgrad_frozen_weight_with_bias_holds_output_grad_only() -> None:
     dy = torch.randn(5, 4)
     with queue.capture(0):
         layer(x).backward(dy)
-    assert queue.held_bytes() == dy.numel() * 4  # dy only: db = dy.sum(0) needs no x
+    assert queue.held_bytes() == 4 * 4  # db = dy.sum(0) is reduced at I: neither x nor dy is kept
     queue.run(0)
     assert layer.weight.grad is None and torch.equal(layer.bias.grad, dy.sum(0))
 
@@ -467,8 +467,11 @@ def test_wgrad_autocast_bf16_matches_plain_autocast_bitwise() -> None:
     loss_ref.backward()
     with queue.capture(0):
         loss.backward()
-    # Held tensors are the bf16 casts autocast saves, not fp32 copies.
-    assert all(t.dtype == torch.bfloat16 for w in queue._work[0] for t in w.held)
+    # Held activations are the bf16 casts autocast saves, not fp32 copies (a frozen-weight layer
+    # holds only its reduced bias grad, in the parameter's dtype).
+    works = queue._work[0]
+    assert all(t.dtype == torch.bfloat16 for w in works if not w.g_is_bias_grad for t in w.held)
+    assert [w.g.dtype for w in works if w.g_is_bias_grad] == [torch.float32] * 2
     queue.run(0)
     for p in model.parameters():
         assert p.grad is None or p.grad.dtype == torch.float32
