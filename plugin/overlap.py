@@ -29,7 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -86,7 +86,7 @@ class BackwardWork:
     module: nn.Module
     loss: Tensor | None = None
     outputs: tuple[Tensor, ...] = ()
-    output_grads: tuple[Tensor | None, ...] = field(default=())
+    output_grads: tuple[Tensor | None, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.loss is None) == (len(self.outputs) == 0):
