@@ -1,0 +1,123 @@
+"""Process groups of one pipeline engine, built once from DeepSpeed's grid and passed to everything else.
+
+Ranks are named by group: `pp_rank` is a rank inside this pipeline (0..P-1), `dp_rank` a rank inside this
+stage's data-parallel group; `global_rank` is the torch.distributed rank. Conversion happens here
+(`pp_global_ranks`) and at the p2p boundary only.
+
+Besides DeepSpeed's pipe and data groups, a schedule needs:
+
+- `up` / `down`: payload groups for messages to a higher / lower pipeline rank. Each direction gets its own
+  communicator, so a send queued towards a peer never waits behind a receive from that peer (NCCL runs the
+  p2p of one communicator pair on one stream);
+- `meta`: a gloo group over the pipeline's ranks that carries p2p shape/dtype headers on the host, so a
+  receiver reads shapes without a device sync and headers never queue behind payloads (NCCL matches p2p
+  messages in order per peer and communicator);
+- `shared`: one group per set of pipeline ranks that hold copies of the same parameters, over which their
+  grads are summed: DualPipe's mirrored pair (r, P-1-r), or the ranks of a tied layer (embedding/head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+__all__ = ["Groups", "build_groups"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Groups:
+    """The groups one rank uses; every field is fixed for the engine's lifetime.
+
+    Args:
+        global_rank: this process's torch.distributed rank.
+        pp: the pipeline group (the P ranks sharing this rank's data-parallel index).
+        pp_rank: this rank's index in `pp` (its pipeline position).
+        pp_global_ranks: global rank of each pipeline position, indexed by pp rank.
+        dp: the data-parallel group of this pipeline position.
+        dp_rank: this rank's index in `dp`.
+        dp_global_ranks: global ranks of `dp`, indexed by dp rank.
+        up: payload group for messages to a higher pp rank (same ranks as `pp`).
+        down: payload group for messages to a lower pp rank.
+        meta: gloo group over `pp_global_ranks` for p2p headers.
+        shared: (pp ranks, group) for every set of pipeline ranks holding copies of the same parameters
+            that contains this rank, ordered by the pp-rank tuple.
+    """
+
+    global_rank: int
+    pp: Any
+    pp_rank: int
+    pp_global_ranks: tuple[int, ...]
+    dp: Any
+    dp_rank: int
+    dp_global_ranks: tuple[int, ...]
+    up: Any
+    down: Any
+    meta: Any
+    shared: tuple[tuple[tuple[int, ...], Any], ...] = ()
+
+    @property
+    def pp_size(self) -> int:
+        """Number of pipeline ranks P."""
+        return len(self.pp_global_ranks)
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel world size."""
+        return len(self.dp_global_ranks)
+
+    def to_global(self, pp_rank: int) -> int:
+        """Global rank of pipeline position `pp_rank` in this rank's pipeline."""
+        return self.pp_global_ranks[pp_rank]
+
+    def shared_group(self, pp_ranks: tuple[int, ...]) -> Any:
+        """The group summing grads over `pp_ranks` (which must include this rank).
+
+        Raises:
+            KeyError: no such group was built.
+        """
+        for ranks, group in self.shared:
+            if ranks == pp_ranks:
+                return group
+        raise KeyError(f"no shared-grad group for pipeline ranks {pp_ranks}")
+
+
+def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = ()) -> Groups:
+    """Create the groups for DeepSpeed's `PipelineParallelGrid` `grid` (collective: every rank calls it).
+
+    Args:
+        grid: `deepspeed.runtime.pipe.topology.PipelineParallelGrid` (the PipelineModule's `mpu()`).
+        shared_pp_ranks: sets of pipeline ranks that hold copies of the same parameters (DualPipe pairs,
+            tied layers); sets of one rank are ignored. Every rank must pass the same sets.
+
+    Returns:
+        This rank's `Groups`.
+    """
+    topo = grid.topology()
+    global_rank = dist.get_rank()
+    pipes = [tuple(ranks) for ranks in topo.get_axis_comm_lists("pipe")]
+    my_pipe = next(p for p in pipes if global_rank in p)
+    dp_ranks = tuple(grid.get_data_parallel_group_ranks())
+
+    # new_group is collective over the world: every rank creates every group in the same order.
+    mine: dict[str, Any] = {}
+    for pipe in pipes:
+        for name, backend in (("up", None), ("down", None), ("meta", "gloo")):
+            group = dist.new_group(ranks=list(pipe), backend=backend)
+            if pipe == my_pipe:
+                mine[name] = group
+
+    pp_rank = my_pipe.index(global_rank)
+    shared: list[tuple[tuple[int, ...], Any]] = []
+    for ranks in sorted({tuple(sorted(set(s))) for s in shared_pp_ranks if len(set(s)) > 1}):
+        for pipe in pipes:
+            group = dist.new_group(ranks=[pipe[r] for r in ranks])
+            if pipe == my_pipe and pp_rank in ranks:
+                shared.append((ranks, group))
+
+    return Groups(global_rank=global_rank, pp=grid.get_pipe_parallel_group(), pp_rank=pp_rank,
+                  pp_global_ranks=my_pipe, dp=grid.get_data_parallel_group(), dp_rank=dp_ranks.index(global_rank),
+                  dp_global_ranks=dp_ranks, up=mine["up"], down=mine["down"], meta=mine["meta"],
+                  shared=tuple(shared))
