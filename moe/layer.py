@@ -235,10 +235,17 @@ class MoELayer(nn.Module):
                              persistent=False)
         self.register_buffer("replica_count", torch.tensor(p.replica_count, device=dev), persistent=False)
 
-    def set_placement(self, placement: Placement, *, refresh: Literal["changed", "all", "lazy"] = "changed") -> None:
-        """Switch to `placement` (same on every EP rank) and rewrite slot buffers (collective unless lazy).
+    def set_placement(self, placement: Placement, *,
+                      refresh: Literal["changed", "all", "lazy", "none"] = "changed") -> None:
+        """Switch to `placement` (same on every EP rank) and rewrite slot buffers.
 
         Call between steps: after `reduce_slot_grads` and before the next forward.
+
+        Args:
+            placement: the new maps.
+            refresh: "changed" copies only the slots whose expert changed (collective), "all" every slot
+                (collective), "lazy" marks all slots stale for the next forward, "none" leaves the slot
+                buffers alone (the caller, e.g. the rebalancer, has already written the new contents).
 
         Raises:
             PlacementError: a placement of another shape.
@@ -258,6 +265,8 @@ class MoELayer(nn.Module):
         self._write_maps()
         self._exchange = slot_exchange(placement, self.ep_rank)
         self._home_local = slots_are_home_local(placement)
+        if refresh == "none":
+            return
         if refresh == "lazy" or self._slots_stale:
             self._slots_stale = True
         elif refresh == "all":
