@@ -8,16 +8,18 @@ in order, each loss divided by the number of micro-batches (and data-parallel re
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from deepspeed.runtime import utils as ds_utils
 from deepspeed.runtime.pipe.module import LayerSpec, TiedLayerSpec
 from torch import Tensor, nn
 
-__all__ = ["BASE_SEED", "Block", "Embed", "Head", "PosBlock", "batches", "loss_fn", "mlp_specs", "reference",
-           "tied_specs"]
+__all__ = ["BASE_SEED", "Block", "Case", "Embed", "PosBlock", "batches", "check_against_reference", "loss_fn",
+           "mlp_specs", "reference", "tied_specs", "train"]
 
 BASE_SEED = 1234
 HIDDEN = 8
@@ -66,10 +68,6 @@ class PosBlock(nn.Module):
 def head_fn(embed: Embed, inputs: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """Tied output head: logits = hidden @ embedding.T."""
     return inputs[0] @ embed.weight.t()
-
-
-class Head(nn.Module):
-    """Unused marker so 'type:' partitioning has a name to count."""
 
 
 def mlp_specs(num_layers: int) -> list[Any]:
@@ -157,3 +155,118 @@ def reference(specs: Sequence[Any], data: Sequence[tuple[Tensor, Tensor]], *, dt
                 if p.grad is not None:
                     p -= lr * p.grad
     return losses, grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One engine run: schedule kinds (one engine each, in turn), layout, model, data and DeepSpeed settings."""
+
+    kinds: tuple[str, ...]
+    pipe: int
+    dp: int = 1
+    micro_batches: int = 8
+    model: str = "mlp"  # "mlp" (Blocks) or "tied" (embedding, PosBlocks, tied head; int/bool tensors cross)
+    num_layers: int = 8
+    steps: int = 1
+    lr: float = 0.0
+    extra: tuple[tuple[str, Any], ...] = ()  # top-level DeepSpeed keys
+    pipeline: tuple[tuple[str, Any], ...] = ()  # extra "pipeline" keys
+
+    def specs(self) -> list[Any]:
+        return mlp_specs(self.num_layers) if self.model == "mlp" else tied_specs(self.num_layers - 2)
+
+    def data(self, dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
+        """All micro-batches of all steps and replicas: step-major, then replica, then micro-batch."""
+        return batches("mlp" if self.model == "mlp" else "tokens", self.steps * self.dp * self.micro_batches,
+                       seed=7, dtype=dtype)
+
+    def config(self, kind: str) -> dict[str, Any]:
+        cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": self.micro_batches,
+               "steps_per_print": 10**6, "gradient_clipping": 0.0,
+               "optimizer": {"type": "SGD", "params": {"lr": self.lr}},
+               "pipeline": {"schedule": kind, "timeout_s": 60, "partition_method": "uniform", **dict(self.pipeline)}}
+        cfg.update(dict(self.extra))
+        return cfg
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy().copy()
+
+
+def train(rank: int, world_size: int, case: Case) -> dict[str, Any]:
+    """Rank function: for each kind, build a stock PipelineModule, `dualmoe.initialize` it, train `case.steps`.
+
+    Returns:
+        kind -> {"losses": [{global micro-batch: loss}] per step, "mean": [train_batch result] per step,
+                 "grads": {name: grad} of the last step (ZeRO-0 fp32 only), "weights": {name: final weight}}.
+    """
+    import deepspeed
+    import dualmoe
+    from deepspeed.pipe import PipelineModule
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    out: dict[str, Any] = {}
+    for kind in case.kinds:
+        model = PipelineModule(case.specs(), num_stages=case.pipe, loss_fn=loss_fn, seed_layers=True,
+                               base_seed=BASE_SEED, partition_method="uniform")
+        engine, _, _, _ = dualmoe.initialize(model=model, model_parameters=model.parameters(),
+                                             config=case.config(kind))
+        grads: dict[str, np.ndarray] = {}
+        step_fn = engine.optimizer.step
+
+        def capture(*args: Any, _engine: Any = engine, _step: Any = step_fn, _grads: dict = grads,
+                    **kwargs: Any) -> Any:
+            _grads.clear()
+            _grads.update({n: _numpy(p.grad) for n, p in _engine.module.named_parameters() if p.grad is not None})
+            return _step(*args, **kwargs)
+
+        engine.optimizer.step = capture
+        dp_rank = engine.grid.get_data_parallel_rank()
+        data, per_step = case.data(), case.dp * case.micro_batches
+        losses, means = [], []
+        for step in range(case.steps):
+            first = step * per_step + dp_rank * case.micro_batches
+            means.append(float(engine.train_batch(iter(data[first:first + case.micro_batches]))))
+            losses.append({dp_rank * case.micro_batches + mb: _numpy(v)
+                           for mb, v in engine.micro_batch_losses.items()})
+        out[kind] = {"losses": losses, "mean": means, "grads": grads,
+                     "weights": {n: _numpy(p) for n, p in engine.module.named_parameters()}}
+    return out
+
+
+def cos_diff(a: Tensor, b: Tensor) -> float:
+    """DualPipe's `cal_diff`: 1 - 2<a,b> / (|a|^2 + |b|^2), in float64."""
+    a, b = a.double().flatten(), b.double().flatten()
+    denom = (a * a + b * b).sum()
+    return 0.0 if denom == 0 else float(1 - 2 * (a * b).sum() / denom)
+
+
+def check_against_reference(case: Case, results: list[dict[str, Any]], *, grads: bool = True,
+                            weights: bool = False, tol: float = 1e-12) -> None:
+    """Assert every kind's per-micro-batch losses are bitwise the reference's, and grads (or weights) match.
+
+    Grads must be bitwise equal or within cos-diff `tol`; every parameter must be present on some rank.
+    """
+    ref_losses, ref_grads, ref_weights = reference(case.specs(), case.data(), dtype=torch.float32,
+                                                   scale=case.dp * case.micro_batches, steps=case.steps, lr=case.lr)
+    for kind in case.kinds:
+        for step in range(case.steps):
+            seen: dict[int, np.ndarray] = {}
+            for r in results:
+                seen.update(r[kind]["losses"][step])
+            assert sorted(seen) == list(range(case.dp * case.micro_batches)), (kind, sorted(seen))
+            for mb, value in seen.items():
+                assert torch.equal(torch.from_numpy(value), ref_losses[step][mb]), (kind, step, mb)
+            mean = float(torch.stack(ref_losses[step]).mean())
+            assert all(abs(r[kind]["mean"][step] - mean) <= 1e-6 * max(1.0, abs(mean)) for r in results), kind
+        for what, ref in (("grads", ref_grads if grads else None), ("weights", ref_weights if weights else None)):
+            if ref is None:
+                continue
+            covered = set()
+            for r in results:
+                for name, value in r[kind][what].items():
+                    got = torch.from_numpy(value)
+                    assert torch.equal(got, ref[name]) or cos_diff(got, ref[name]) < tol, \
+                        (kind, what, name, cos_diff(got, ref[name]))
+                    covered.add(name)
+            assert covered == set(ref), (kind, what, sorted(set(ref) - covered))
