@@ -1,0 +1,730 @@
+"""EPLB rebalancing during training: plan from load statistics, migrate slot weights, switch together.
+
+Legend: L MoE layers, E logical experts, S physical slots, P expert-parallel (EP) ranks, C slot copies.
+
+Every `eplb.interval` optimizer steps, at the step boundary (after the optimizer step, the router-bias
+update and the slot refresh of `dualmoe.moe.hooks.end_step`):
+
+    load_LE (window or EMA; identical on every rank)  --plan_placement-->  Plan           [pure, timed]
+    debug: all-gather of the plan digest over the agreement group; any mismatch aborts on every rank
+    plan_copies(old, new)   every changed slot gets its new expert's weights from the expert's home rank
+    chunk_copies            rounds in which no rank sends or receives more than `chunk_bytes`
+    each round              pack rows of the home parameters -> batch_isend_irecv over the EP group ->
+                            unpack into STAGING buffers (the new slot contents; live slots untouched)
+    agree                   each rank posts ok / failed; one decision (commit or abort) is set once
+    commit                  staging -> slot buffers and the new placement maps (local, cannot half-fail)
+
+Only weights move. Under the home design (`dualmoe.moe.experts`) every logical expert's trainable
+parameters, gradients and optimizer state live on a fixed home rank, e // (E/P); slots are buffers
+refreshed from the homes. A new placement only changes which slot copies which home, so a rebalance
+rewrites slot buffers and maps and never touches a parameter, a `.grad` or optimizer state (the tests
+check that optimizer state is bitwise unchanged and still attached to the same tensors). This is the
+SwiftMoE/Symi recipe of the research notes: a moved expert costs its weights only (bf16 88 MB for a
+DeepSeek-V3 expert), not the ~0.6 GB of fp32 Adam state that moving the owner would.
+
+Failure. The switch is all or nothing. A local error while packing or unpacking (an exception, e.g. an
+allocation failure, or one raised by `fault_hook` in tests) marks this rank failed but the rank still
+sends (zeros) and receives in every round, so the peers never wait on it and the EP group stays in
+lock-step. The agreement runs through the process group's store, not a collective: each rank posts
+"ok" (a counter) or "abort: why"; the first rank that sees all N ok sets the decision key to "commit",
+a failed rank (or any rank whose `timeout_s` expires first) sets it to "abort: ...", and
+`compare_set` makes the first writer win. Every rank then obeys that one key, so no rank commits while
+another aborts, even when a rank is late. (An all-reduce of an ok flag with a timeout cannot give this:
+a rank whose wait timed out cannot know whether the others completed it.) After an abort every rank
+keeps its old maps and slots, logs a warning, and counts it in `num_failed`. A communication error
+itself (a dead peer, a transfer past `timeout_s`) breaks the process group on gloo and NCCL alike; the
+rank posts "abort" first and raises `CommTimeout`, with the old placement still in place.
+
+The stall (planning + digest check + transfers + agreement + commit, wall time on each rank) is in
+every `RebalanceReport`, summed in `Rebalancer.stall_s`, and written to the monitor as
+`<prefix>/eplb/stall_ms` with balancedness before/after and the copies made.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from dualmoe.errors import CommTimeout, ConfigError, PlacementError
+from dualmoe.log import log_rank0
+from torch import Tensor
+from torch.profiler import record_function
+
+from .config import EplbConfig
+from .eplb import Plan, gpu_load, plan_placement
+from .layer import MoELayer
+from .placement import Placement
+from .stats import LoadStats
+
+__all__ = [
+    "RebalanceReport",
+    "Rebalancer",
+    "SlotCopy",
+    "attach_rebalancer",
+    "chunk_copies",
+    "plan_copies",
+    "plan_digest",
+]
+
+logger = logging.getLogger(__name__)
+
+FaultHook = Callable[[str, int], None]
+"""Test seam: called as `hook(phase, round)` with phase "pack", "unpack" (inside the per-round error
+handling) or "agree" (just before this rank posts its vote)."""
+
+
+# ---- pure transfer planning -------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotCopy:
+    """One slot whose expert changes: `dst_rank` fetches `expert`'s weights from `src_rank` (its home)."""
+
+    layer: int
+    """Index of the layer in the planned [L, S] maps."""
+    slot: int
+    """Global slot index (on `dst_rank`)."""
+    expert: int
+    """Logical expert the slot holds after the switch."""
+    src_rank: int
+    """EP rank sending the weights: the expert's home, e // (E/P)."""
+    dst_rank: int
+    """EP rank holding the slot, slot // (S/P)."""
+
+    @property
+    def is_local(self) -> bool:
+        """True when the home and the slot are on the same rank (a local copy, no transfer)."""
+        return self.src_rank == self.dst_rank
+
+
+def plan_copies(old_LS: Tensor | Sequence[Sequence[int]], new_LS: Tensor | Sequence[Sequence[int]], *,
+                num_experts: int, num_ranks: int) -> tuple[SlotCopy, ...]:
+    """The slot copies that turn placement `old_LS` into `new_LS`, ordered by (layer, slot).
+
+    Args:
+        old_LS: [L, S] deployed physical->logical maps.
+        new_LS: [L, S] planned maps.
+        num_experts: E (divisible by `num_ranks`: homes are equal blocks of experts).
+        num_ranks: P EP ranks (S divisible by P).
+
+    Raises:
+        PlacementError: shapes differ or do not divide evenly.
+    """
+    old = torch.as_tensor(old_LS, dtype=torch.int64)
+    new = torch.as_tensor(new_LS, dtype=torch.int64)
+    if old.shape != new.shape or old.dim() != 2:
+        raise PlacementError(f"old and new maps must both be [L, S]; got {tuple(old.shape)} and {tuple(new.shape)}")
+    num_slots = old.shape[1]
+    if num_experts % num_ranks or num_slots % num_ranks:
+        raise PlacementError(f"num_experts={num_experts} and slots={num_slots} must be divisible by the EP size "
+                             f"{num_ranks}")
+    per_home, per_rank = num_experts // num_ranks, num_slots // num_ranks
+    layer_C, slot_C = torch.nonzero(old != new, as_tuple=True)
+    expert_C = new[layer_C, slot_C]
+    return tuple(SlotCopy(layer=layer, slot=slot, expert=expert, src_rank=expert // per_home,
+                          dst_rank=slot // per_rank)
+                 for layer, slot, expert in zip(layer_C.tolist(), slot_C.tolist(), expert_C.tolist()))
+
+
+def chunk_copies(copies: Sequence[SlotCopy], *, copy_bytes: Sequence[int], chunk_bytes: int,
+                 num_ranks: int) -> tuple[tuple[SlotCopy, ...], ...]:
+    """Split `copies` into rounds in which no rank sends, or receives, more than `chunk_bytes`.
+
+    First fit in the given order: each copy goes to the earliest round where both its sender and its
+    receiver still have room; a copy larger than `chunk_bytes` gets a round where its two ranks are
+    otherwise idle. Local copies (home and slot on one rank) move no bytes and go to round 0. Pure and
+    deterministic, so every rank derives the same rounds from the same plan.
+
+    Args:
+        copies: from `plan_copies`.
+        copy_bytes: [L] bytes of one slot's weights in each layer.
+        chunk_bytes: per-rank, per-round bound on bytes sent and on bytes received (>= 1).
+        num_ranks: P.
+
+    Returns:
+        The rounds, each a tuple of copies in input order; empty when there is nothing to copy.
+    """
+    if chunk_bytes < 1:
+        raise ConfigError(f"chunk_bytes={chunk_bytes}: must be >= 1 (bytes per rank per transfer round)")
+    rounds: list[list[SlotCopy]] = []
+    sent: list[list[int]] = []
+    received: list[list[int]] = []
+    first_open_send = [0] * num_ranks  # rounds before these are full for that rank
+    first_open_recv = [0] * num_ranks
+
+    def open_round() -> int:
+        rounds.append([])
+        sent.append([0] * num_ranks)
+        received.append([0] * num_ranks)
+        return len(rounds) - 1
+
+    for copy in copies:
+        if copy.is_local:
+            if not rounds:
+                open_round()
+            rounds[0].append(copy)
+            continue
+        size, src, dst = int(copy_bytes[copy.layer]), copy.src_rank, copy.dst_rank
+        index = max(first_open_send[src], first_open_recv[dst])
+        while True:
+            if index == len(rounds):
+                open_round()
+            s, r = sent[index][src], received[index][dst]
+            if (s + size <= chunk_bytes and r + size <= chunk_bytes) or (s == 0 and r == 0):
+                break
+            index += 1
+        rounds[index].append(copy)
+        sent[index][src] += size
+        received[index][dst] += size
+        while first_open_send[src] < len(rounds) and sent[first_open_send[src]][src] >= chunk_bytes:
+            first_open_send[src] += 1
+        while first_open_recv[dst] < len(rounds) and received[first_open_recv[dst]][dst] >= chunk_bytes:
+            first_open_recv[dst] += 1
+    return tuple(tuple(r) for r in rounds)
+
+
+def plan_digest(physical_to_logical_LS: Tensor) -> int:
+    """A 63-bit digest of a [L, S] map (compared across ranks in debug mode)."""
+    data = physical_to_logical_LS.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.sha256(data).digest()[:8], "little") >> 1
+
+
+# ---- reports -----------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RebalanceReport:
+    """What one rebalance did on this rank (times in seconds, wall clock)."""
+
+    step: int
+    """Optimizer step at which it ran (-1 when `apply` was called directly)."""
+    applied: bool
+    """True when every rank switched to the new placement."""
+    status: str
+    """"applied", "skipped: <why>" or "failed: <why>" (the same decision on every rank)."""
+    num_copies: int
+    """Slot copies of the plan, all ranks together."""
+    num_remote_copies: int
+    """Of those, copies that cross ranks (the rest are local copies from a home on the same rank)."""
+    bytes_sent: int
+    """Bytes this rank sent."""
+    bytes_received: int
+    """Bytes this rank received."""
+    num_rounds: int
+    """Transfer rounds (`chunk_copies`)."""
+    balancedness_before: float
+    """sum_l mean / sum_l max GPU load of the deployed placement on the planning load."""
+    balancedness_after: float
+    """The same for the plan (equal to before when not applied)."""
+    plan_s: float
+    """Planning time (`plan_placement`), 0 when the plan came from outside."""
+    migrate_s: float
+    """Digest check, transfer rounds and staging."""
+    agree_s: float
+    """Waiting for the decision."""
+    commit_s: float
+    """Writing the staged rows into the slot buffers and swapping the maps."""
+
+    @property
+    def stall_s(self) -> float:
+        """Everything the step waited for: plan + migrate + agree + commit."""
+        return self.plan_s + self.migrate_s + self.agree_s + self.commit_s
+
+
+# ---- agreement through the store ----------------------------------------------------------------------
+class _Agreement:
+    """Set-once commit/abort decision per round in the store (see the module docstring)."""
+
+    def __init__(self, store: Any, *, prefix: str, num_ranks: int, leader: bool) -> None:
+        self.store, self.prefix, self.num_ranks, self.leader = store, prefix, num_ranks, leader
+
+    def decide(self, round_id: int, *, ok: bool, reason: str, timeout_s: float) -> str:
+        """Vote and return the round's decision: "commit" or "abort: <why>"."""
+        key = f"{self.prefix}/{round_id}"
+        decision = f"{key}/decision"
+        if ok:
+            if self.store.add(f"{key}/ok", 1) >= self.num_ranks:
+                self.store.compare_set(decision, "", "commit")
+        else:
+            self.store.compare_set(decision, "", f"abort: {reason}")
+        try:
+            self.store.wait([decision], datetime.timedelta(seconds=timeout_s))
+        except Exception:  # the store raises its own timeout type; any failure to see a decision aborts
+            arrived = self.store.add(f"{key}/ok", 0)
+            self.store.compare_set(decision, "", f"abort: only {arrived} of {self.num_ranks} ranks were ready "
+                                                 f"after {timeout_s:g} s")
+        value = self.store.get(decision).decode()
+        if self.leader and round_id > 2:
+            for old in (f"{self.prefix}/{round_id - 2}/ok", f"{self.prefix}/{round_id - 2}/decision"):
+                self.store.delete_key(old)
+        return value
+
+    def abort(self, round_id: int, reason: str) -> None:
+        """Post an abort for `round_id` (before raising on a communication error)."""
+        try:
+            self.store.compare_set(f"{self.prefix}/{round_id}/decision", "", f"abort: {reason}")
+        except Exception:  # the store may be gone too; the peers' own deadlines end their waits
+            logger.exception("could not post the rebalance abort to the store")
+
+
+def _default_store() -> Any:
+    from torch.distributed import distributed_c10d
+
+    try:
+        return distributed_c10d._get_default_store()
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+
+
+# ---- the executor --------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class _Prepared:
+    """This rank's side of one migration: new placements, staging buffers and where rows go."""
+
+    placements: dict[int, Placement]
+    """Layer index -> new placement, for every layer whose map changes."""
+    staging: dict[int, list[Tensor]] = field(default_factory=dict)
+    """Layer index -> one [changed local slots, ...] tensor per slot buffer (gate_up, down)."""
+    local_slots: dict[int, list[int]] = field(default_factory=dict)
+    """Layer index -> the local slot indices the staged rows go to, in staging order."""
+    row_of: dict[tuple[int, int], int] = field(default_factory=dict)
+    """(layer, global slot) -> row in that layer's staging tensors."""
+
+
+class Rebalancer:
+    """Periodic EPLB re-placement of the slots of a model's (or pipeline stage's) MoE layers.
+
+    Constructing it is collective over the agreement group (it agrees on a store key prefix).
+
+    Args:
+        layers: the MoE layers in model order (the L axis of `stats`), all with one EP group.
+        stats: their load statistics (identical on every rank after `LoadStats.step`).
+        config: the `moe.eplb` settings; default the first layer's.
+        num_groups: expert groups for the hierarchical policy; default the router's `n_group`.
+        group: the agreement group: every rank running these layers (default the layers' stats group,
+            else the default group).
+        chunk_bytes: bound on the bytes one rank sends, and receives, per transfer round.
+        timeout_s: deadline of each transfer round.
+        agree_timeout_s: how long a rank waits for the others' votes (default `timeout_s`).
+        debug: all-gather plan digests before migrating (one extra collective per rebalance).
+        monitor: DeepSpeed's `engine.monitor` (events are written on global rank 0 when it is enabled).
+        copy_cost: the planner's balancedness price of one slot copy (`plan_placement`).
+        name: distinguishes rebalancers that share a store (e.g. one per pipeline stage).
+        fault_hook: test seam, see `FaultHook`.
+    """
+
+    def __init__(self, layers: Sequence[MoELayer], *, stats: LoadStats | None, config: EplbConfig | None = None,
+                 num_groups: int | None = None, group: dist.ProcessGroup | None = None,
+                 chunk_bytes: int = 256 << 20, timeout_s: float = 300.0, agree_timeout_s: float | None = None,
+                 debug: bool = False, monitor: Any = None,
+                 copy_cost: float = 1e-4, name: str = "moe", fault_hook: FaultHook | None = None) -> None:
+        if not layers:
+            raise ConfigError("Rebalancer needs at least one MoE layer")
+        first = layers[0]
+        shapes = {(m.num_experts, m.placement.num_slots, m.ep_size) for m in layers}
+        if len(shapes) != 1:
+            raise ConfigError(f"all layers of one Rebalancer need the same (num_experts, num_slots, ep_size); got "
+                              f"{sorted(shapes)}")
+        if any(m.ep_group is not first.ep_group for m in layers):
+            raise ConfigError("all layers of one Rebalancer must share one expert-parallel group")
+        dtypes = {t.dtype for m in layers for t in (m.experts.slot_gate_up, m.experts.slot_down)}
+        if len(dtypes) != 1:
+            raise ConfigError(f"slot buffers of all layers must share one dtype for batched transfers; got {dtypes}")
+        if chunk_bytes < 1:
+            raise ConfigError(f"chunk_bytes={chunk_bytes}: must be >= 1")
+        self.layers = list(layers)
+        self.stats = stats
+        self.config = config if config is not None else first.config.eplb
+        self.num_groups = first.config.router.n_group if num_groups is None else num_groups
+        self.num_experts, self.num_slots, self.ep_size = shapes.pop()
+        self.ep_group, self.ep_rank = first.ep_group, first.ep_rank
+        self.group = group if group is not None else first.stats_group
+        self.chunk_bytes, self.timeout_s, self.debug = chunk_bytes, timeout_s, debug
+        self.agree_timeout_s = timeout_s if agree_timeout_s is None else agree_timeout_s
+        self.monitor, self.copy_cost, self.fault_hook = monitor, copy_cost, fault_hook
+        self._device = first.experts.gate_up_proj.device
+        self.num_applied = self.num_failed = self.num_skipped = 0
+        self.stall_s = 0.0
+        self.last_report: RebalanceReport | None = None
+        self._round = 0
+        self._agreement = self._make_agreement(name)
+
+    # ---- planning (pure) ----------------------------------------------------------------------------
+    def current_maps(self) -> Tensor:
+        """[L, S] int64 deployed physical->logical maps (CPU)."""
+        return torch.tensor([m.placement.physical_to_logical for m in self.layers], dtype=torch.int64)
+
+    def planning_load(self) -> Tensor:
+        """[L, E] load the planner sees: the EMA if `eplb.ema` is set, else the window sum."""
+        if self.stats is None:
+            raise ConfigError("this Rebalancer has no LoadStats; pass stats= or plan from an explicit load")
+        return (self.stats.ema_LE if self.config.ema is not None else self.stats.window_load()).cpu()
+
+    def plan(self, load_LE: Tensor | None = None) -> Plan:
+        """`plan_placement` against the deployed maps with the configured policy, budget and skip rule."""
+        load = self.planning_load() if load_LE is None else load_LE
+        groups, nodes = self.num_groups, self.config.num_nodes
+        if self.config.policy == "global" or (self.config.policy == "auto" and groups % nodes):
+            groups = nodes = 1
+        return plan_placement(load, self.current_maps(), num_slots=self.num_slots, num_nodes=nodes,
+                              num_ranks=self.ep_size, num_groups=groups, max_moves=self.config.max_moves,
+                              min_gain=self.config.min_gain, copy_cost=self.copy_cost)
+
+    # ---- the step-boundary entry point ------------------------------------------------------------
+    def step(self, step: int, *, monitor_step: int | None = None) -> RebalanceReport | None:
+        """Rebalance when `eplb.enabled` and `step` is a multiple of `eplb.interval` (after >= 1 step of stats).
+
+        Call on every rank after the optimizer step and `end_step` (slot refresh, statistics).
+
+        Returns:
+            The report, or None when no rebalance was due.
+        """
+        if not self.config.enabled or step <= 0 or step % self.config.interval:
+            return None
+        if self.stats is None or self.stats.num_steps == 0:
+            return None
+        start = time.perf_counter()
+        with record_function("dualmoe/moe/eplb_plan"):
+            load = self.planning_load()
+            plan = self.plan(load)
+        plan_s = time.perf_counter() - start
+        report = self.apply(plan, load_LE=load, step=step, plan_s=plan_s)
+        self.write_events(report, step if monitor_step is None else monitor_step)
+        return report
+
+    def apply(self, plan: Plan, *, load_LE: Tensor | None = None, step: int = -1,
+              plan_s: float = 0.0) -> RebalanceReport:
+        """Execute `plan` (collective over the EP and agreement groups): migrate, agree, switch or keep.
+
+        Args:
+            plan: from `plan()` / `plan_placement` against `current_maps()`, identical on every rank.
+            load_LE: the load the plan was made for (only for the balancedness in the report).
+            step, plan_s: recorded in the report.
+
+        Returns:
+            The report (`applied` is the same on every rank).
+
+        Raises:
+            CommTimeout: a transfer failed or ran past `timeout_s`; the old placement stays in place, the
+                process group is unusable.
+        """
+        self._round += 1
+        start = time.perf_counter()
+        old_LS = self.current_maps()
+        new_LS = plan.physical_to_logical.to(torch.int64).cpu()
+        before, after = self._balancedness(old_LS, new_LS, plan, load_LE)
+        ok, reason = True, ""
+        if self.debug and not self._digests_agree(new_LS):
+            ok, reason = False, "plan digests differ across ranks (statistics or planner not deterministic)"
+        copies = plan_copies(old_LS, new_LS, num_experts=self.num_experts, num_ranks=self.ep_size) if ok else ()
+        base = {"step": step, "num_copies": len(copies), "num_remote_copies": sum(not c.is_local for c in copies),
+                "balancedness_before": before, "plan_s": plan_s}
+        if ok and not copies:
+            self.num_skipped += 1
+            report = RebalanceReport(applied=False, status="skipped: the plan keeps every slot", bytes_sent=0,
+                                     bytes_received=0, num_rounds=0, balancedness_after=before,
+                                     migrate_s=time.perf_counter() - start, agree_s=0.0, commit_s=0.0, **base)
+            return self._finish(report)
+        rounds: tuple[tuple[SlotCopy, ...], ...] = ()
+        sent = received = 0
+        prepared = None
+        if ok:
+            rounds = chunk_copies(copies, copy_bytes=self._copy_bytes(), chunk_bytes=self.chunk_bytes,
+                                  num_ranks=self.ep_size)
+            try:
+                prepared = self._prepare(old_LS, new_LS, copies)
+            except Exception as err:  # any local failure becomes an abort vote
+                ok, reason = False, f"rank {self._global_rank()}: preparing failed: {err!r}"
+            with record_function("dualmoe/moe/eplb_migrate"):
+                for index, copies_r in enumerate(rounds):
+                    round_ok, round_reason, s, r = self._transfer(index, copies_r, prepared if ok else None)
+                    sent, received = sent + s, received + r
+                    if ok and not round_ok:
+                        ok, reason = False, round_reason
+        migrate_done = time.perf_counter()
+        decision = self._decide(ok, reason)
+        agree_done = time.perf_counter()
+        applied = decision == "commit"
+        if applied:
+            assert prepared is not None  # a commit needs every rank ok, this one included
+            self._commit(prepared)
+        commit_done = time.perf_counter()
+        report = RebalanceReport(
+            applied=applied, status="applied" if applied else f"failed: {decision}", bytes_sent=sent,
+            bytes_received=received, num_rounds=len(rounds), balancedness_after=after if applied else before,
+            migrate_s=migrate_done - start, agree_s=agree_done - migrate_done, commit_s=commit_done - agree_done,
+            **base)
+        if applied:
+            self.num_applied += 1
+        else:
+            self.num_failed += 1
+            logger.warning("EPLB rebalance at step %d kept the old placement: %s%s", step, decision,
+                           f" (this rank: {reason})" if reason and reason not in decision else "")
+        return self._finish(report)
+
+    # ---- observability -------------------------------------------------------------------------------
+    def events(self, report: RebalanceReport, step: int, *, prefix: str = "Train/MoE") -> list[tuple[str, float, int]]:
+        """Monitor events of one rebalance: balancedness before/after, copies, bytes, stall, failures."""
+        names = {"balancedness_before": report.balancedness_before, "balancedness_after": report.balancedness_after,
+                 "copies": float(report.num_copies) if report.applied else 0.0, "stall_ms": 1e3 * report.stall_s,
+                 "plan_ms": 1e3 * report.plan_s, "bytes_sent": float(report.bytes_sent),
+                 "applied": float(report.applied), "failures": float(self.num_failed)}
+        return [(f"{prefix}/eplb/{key}", float(value), step) for key, value in names.items()]
+
+    def write_events(self, report: RebalanceReport, step: int) -> None:
+        """Send `events` to DeepSpeed's monitor (global rank 0, when a monitor is enabled)."""
+        monitor = self.monitor
+        if monitor is not None and getattr(monitor, "enabled", False) and self._global_rank() == 0:
+            monitor.write_events(self.events(report, step))
+
+    def dump_stats(self, path: str | Path) -> Path:
+        """Write the planning load and the deployed maps for `dualmoe plan --stats` (.pt or .json)."""
+        from .checkpoint import save_load_stats
+
+        return save_load_stats(path, self.planning_load(), placement_LS=self.current_maps(), num_ranks=self.ep_size,
+                               step=None if self.stats is None else self.stats.num_steps)
+
+    def state_dict(self) -> dict[str, int | float]:
+        """Counters (for checkpoints)."""
+        return {"num_applied": self.num_applied, "num_failed": self.num_failed, "num_skipped": self.num_skipped,
+                "stall_s": self.stall_s}
+
+    def load_state_dict(self, state: dict[str, int | float]) -> None:
+        """Restore `state_dict`."""
+        self.num_applied, self.num_failed = int(state["num_applied"]), int(state["num_failed"])
+        self.num_skipped, self.stall_s = int(state["num_skipped"]), float(state["stall_s"])
+
+    # ---- internals ---------------------------------------------------------------------------------------
+    def _finish(self, report: RebalanceReport) -> RebalanceReport:
+        self.stall_s += report.stall_s
+        self.last_report = report
+        log_rank0(logger, "EPLB step %d: %s, balancedness %.4f -> %.4f, %d copies (%d remote) in %d rounds, "
+                  "stall %.1f ms (plan %.1f ms)", report.step, report.status, report.balancedness_before,
+                  report.balancedness_after, report.num_copies, report.num_remote_copies, report.num_rounds,
+                  1e3 * report.stall_s, 1e3 * report.plan_s)
+        return report
+
+    def _global_rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def _make_agreement(self, name: str) -> _Agreement | None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        store = _default_store()
+        if store is None:
+            raise ConfigError("the Rebalancer needs the default process group's store for its commit decision")
+        ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
+        prefix = f"dualmoe/eplb/{name}/{zlib.crc32(repr(sorted(ranks)).encode()):08x}"
+        # A fresh prefix per instance: rank 0 of the group draws it, a broadcast shares it.
+        token = torch.zeros(1, dtype=torch.int64, device=self._device)
+        leader = dist.get_rank(self.group) == 0 if self.group is not None else dist.get_rank() == 0
+        if leader:
+            token[0] = store.add(f"{prefix}/instances", 1)
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        dist.broadcast(token, src=src, group=self.group)
+        return _Agreement(store, prefix=f"{prefix}/{int(token)}", num_ranks=len(list(ranks)), leader=leader)
+
+    def _decide(self, ok: bool, reason: str) -> str:
+        if self.fault_hook is not None:
+            try:
+                self.fault_hook("agree", self._round)
+            except Exception as err:
+                ok, reason = False, f"rank {self._global_rank()}: {err!r}"
+        if self._agreement is None:
+            return "commit" if ok else f"abort: {reason}"
+        with record_function("dualmoe/moe/eplb_agree"):
+            return self._agreement.decide(self._round, ok=ok, reason=reason, timeout_s=self.agree_timeout_s)
+
+    def _digests_agree(self, new_LS: Tensor) -> bool:
+        if not (dist.is_available() and dist.is_initialized()):
+            return True
+        mine = torch.tensor([plan_digest(new_LS)], dtype=torch.int64, device=self._device)
+        size = dist.get_world_size(self.group)
+        parts = [torch.empty_like(mine) for _ in range(size)]
+        dist.all_gather(parts, mine, group=self.group)
+        return all(int(p) == int(mine) for p in parts)
+
+    def _balancedness(self, old_LS: Tensor, new_LS: Tensor, plan: Plan,
+                      load_LE: Tensor | None) -> tuple[float, float]:
+        if load_LE is None:
+            return float(plan.balancedness_before.mean()), float(plan.balancedness_after.mean())
+
+        def overall(maps: Tensor) -> float:
+            load_LG = gpu_load(maps, load_LE.cpu(), self.ep_size)
+            top = float(load_LG.max(-1).values.sum())
+            return 1.0 if top <= 0 else float(load_LG.mean(-1).sum()) / top
+
+        return overall(old_LS), overall(new_LS)
+
+    def _copy_bytes(self) -> list[int]:
+        return [sum(t[0].numel() * t.element_size() for t in (m.experts.slot_gate_up, m.experts.slot_down))
+                for m in self.layers]
+
+    def _prepare(self, old_LS: Tensor, new_LS: Tensor, copies: Sequence[SlotCopy]) -> _Prepared:
+        placements = {}
+        for index in torch.nonzero((old_LS != new_LS).any(-1)).flatten().tolist():
+            layer = self.layers[index]
+            if layer.experts.has_slot_grads():
+                raise RuntimeError(f"layer {layer.layer_id} has unreduced slot gradients; rebalance only at a step "
+                                   "boundary (after reduce_slot_grads)")
+            placements[index] = Placement.from_physical_to_logical(new_LS[index].tolist(), num_experts=self.num_experts,
+                                                                   num_ranks=self.ep_size)
+        prepared = _Prepared(placements=placements)
+        per_rank = self.num_slots // self.ep_size
+        for copy in copies:
+            if copy.dst_rank == self.ep_rank:
+                slots = prepared.local_slots.setdefault(copy.layer, [])
+                prepared.row_of[(copy.layer, copy.slot)] = len(slots)
+                slots.append(copy.slot - self.ep_rank * per_rank)
+        for index, slots in prepared.local_slots.items():
+            experts = self.layers[index].experts
+            prepared.staging[index] = [t.new_empty((len(slots), *t.shape[1:]))
+                                       for t in (experts.slot_gate_up, experts.slot_down)]
+        return prepared
+
+    def _rows(self, copy: SlotCopy) -> list[Tensor]:
+        experts = self.layers[copy.layer].experts
+        local = copy.expert - self.ep_rank * (self.num_experts // self.ep_size)
+        return [home.detach()[local] for home in (experts.gate_up_proj, experts.down_proj)]
+
+    def _transfer(self, index: int, copies: Sequence[SlotCopy],
+                  prepared: _Prepared | None) -> tuple[bool, str, int, int]:
+        """One round: every rank posts the same sends/receives whatever its local state. Returns
+        (ok, reason, bytes sent, bytes received)."""
+        me = self.ep_rank
+        sizes = self._copy_bytes()
+        dtype = self.layers[0].experts.slot_gate_up.dtype
+        itemsize = self.layers[0].experts.slot_gate_up.element_size()
+        outgoing: dict[int, list[SlotCopy]] = {}
+        incoming: dict[int, list[SlotCopy]] = {}
+        for copy in copies:
+            if copy.is_local:
+                continue
+            if copy.src_rank == me:
+                outgoing.setdefault(copy.dst_rank, []).append(copy)
+            if copy.dst_rank == me:
+                incoming.setdefault(copy.src_rank, []).append(copy)
+        ok, reason = prepared is not None, ""
+        payloads: dict[int, Tensor] = {}
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("pack", index)
+            if prepared is not None:
+                for copy in copies:
+                    if copy.is_local and copy.dst_rank == me:
+                        self._stage(prepared, copy, self._rows(copy))
+            for peer, items in outgoing.items():
+                payloads[peer] = torch.cat([r.reshape(-1).to(dtype) for c in items for r in self._rows(c)])
+        except Exception as err:  # keep the lock-step; report through the vote
+            ok, reason = False, f"rank {self._global_rank()}: packing round {index} failed: {err!r}"
+        for peer, items in outgoing.items():
+            if peer not in payloads:
+                numel = sum(sizes[c.layer] for c in items) // itemsize
+                payloads[peer] = torch.zeros(numel, dtype=dtype, device=self._device)
+        buffers = {peer: torch.empty(sum(sizes[c.layer] for c in items) // itemsize, dtype=dtype,
+                                     device=self._device) for peer, items in incoming.items()}
+        self._exchange(index, payloads, buffers)
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook("unpack", index)
+            if ok and prepared is not None:
+                for peer, items in incoming.items():
+                    self._unpack(prepared, items, buffers[peer])
+        except Exception as err:
+            ok, reason = False, f"rank {self._global_rank()}: unpacking round {index} failed: {err!r}"
+        sent = sum(p.numel() for p in payloads.values()) * itemsize
+        received = sum(b.numel() for b in buffers.values()) * itemsize
+        return ok, reason, sent, received
+
+    def _exchange(self, index: int, payloads: dict[int, Tensor], buffers: dict[int, Tensor]) -> None:
+        if not payloads and not buffers:
+            return
+        if self.ep_group is None:
+            raise RuntimeError("remote slot copies without an expert-parallel group")
+        ops = []
+        for peer in sorted(set(payloads) | set(buffers)):  # the same order on both ends of every pair
+            global_peer = dist.get_global_rank(self.ep_group, peer)
+            if peer in payloads:
+                ops.append(dist.P2POp(dist.isend, payloads[peer], global_peer, group=self.ep_group))
+            if peer in buffers:
+                ops.append(dist.P2POp(dist.irecv, buffers[peer], global_peer, group=self.ep_group))
+        try:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait(datetime.timedelta(seconds=self.timeout_s))
+        except Exception as err:
+            message = f"rank {self._global_rank()} (EP rank {self.ep_rank}): EPLB transfer round {index} failed: {err}"
+            if self._agreement is not None:
+                self._agreement.abort(self._round, message)
+            raise CommTimeout(f"{message}; the old placement is still in place but the expert-parallel group is "
+                              "unusable") from err
+
+    def _unpack(self, prepared: _Prepared, items: Sequence[SlotCopy], flat: Tensor) -> None:
+        offset = 0
+        for copy in items:
+            rows = []
+            for staged in prepared.staging[copy.layer]:
+                n = staged[0].numel()
+                rows.append(flat[offset:offset + n].view(staged.shape[1:]))
+                offset += n
+            self._stage(prepared, copy, rows)
+
+    @staticmethod
+    def _stage(prepared: _Prepared, copy: SlotCopy, rows: Sequence[Tensor]) -> None:
+        row = prepared.row_of[(copy.layer, copy.slot)]
+        for staged, value in zip(prepared.staging[copy.layer], rows, strict=True):
+            staged[row].copy_(value)
+
+    @torch.no_grad()
+    def _commit(self, prepared: _Prepared) -> None:
+        with record_function("dualmoe/moe/eplb_commit"):
+            for index, placement in prepared.placements.items():
+                layer = self.layers[index]
+                if index in prepared.staging:
+                    slot_index = torch.tensor(prepared.local_slots[index], dtype=torch.long, device=self._device)
+                    for live, staged in zip((layer.experts.slot_gate_up, layer.experts.slot_down),
+                                            prepared.staging[index], strict=True):
+                        live.index_copy_(0, slot_index, staged)
+                _switch_maps(layer, placement)
+
+
+def _switch_maps(layer: MoELayer, placement: Placement) -> None:
+    """Swap `layer`'s placement maps; its slot buffers already hold the new contents.
+
+    Adapter over `MoELayer.set_placement(refresh="lazy")`, which marks every slot stale (the next forward
+    would refresh all of them): the slots were fresh before and the changed ones were just written, so
+    the flag is put back. TODO(rebalance): use a `refresh="none"` mode once MoELayer has one.
+    """
+    was_stale = layer._slots_stale
+    layer.set_placement(placement, refresh="lazy")
+    layer._slots_stale = was_stale
+
+
+def attach_rebalancer(engine: Any, **kwargs: Any) -> Rebalancer:
+    """Build a `Rebalancer` for a MoE-aware DeepSpeed engine and run it after every optimizer step.
+
+    The engine must come from `dualmoe.moe.hooks` (`moe_engine_class` / `initialize`): the rebalancer
+    uses `engine.moe_stats`, writes to `engine.monitor` and registers with `add_moe_step_callback`, so it
+    runs after the step's statistics, bias update and slot refresh. Collective (every rank calls it).
+
+    Args:
+        engine: the engine.
+        **kwargs: passed to `Rebalancer` (chunk_bytes, timeout_s, debug, ...).
+
+    Returns:
+        The rebalancer, also stored as `engine.moe_rebalancer`.
+    """
+    from .hooks import moe_layers
+
+    layers = moe_layers(engine.module)
+    if not layers:
+        raise ConfigError("attach_rebalancer: the engine's model has no MoELayer")
+    kwargs.setdefault("monitor", getattr(engine, "monitor", None))
+    rebalancer = Rebalancer(layers, stats=engine.moe_stats, **kwargs)
+    engine.add_moe_step_callback(lambda eng: rebalancer.step(eng.global_steps, monitor_step=eng.global_samples))
+    engine.moe_rebalancer = rebalancer
+    return rebalancer
