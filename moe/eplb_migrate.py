@@ -1,0 +1,175 @@
+"""Migration-aware side of the EPLB planner: relabel a fresh plan onto the deployed one, plan sticky
+moves from the deployed one, and pick per layer what is worth its copies.
+
+A *copy* is a slot whose logical expert changes: its weights (and, in training, whatever state moves
+with them) must be fetched. GPUs are interchangeable inside a node and nodes are interchangeable, so a
+fresh plan can be relabelled (nodes permuted, GPUs permuted inside a node, slots permuted inside a GPU)
+without changing any GPU's load; relabelling only changes how many slots need a copy.
+
+Legend (shape suffixes): L layers, E logical experts, S slots, G GPUs, N nodes, R rows, A items to
+assign (nodes or GPUs), T slots of one GPU, K permutations.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from dualmoe.moe.eplb_pack import local_search
+
+__all__ = ["choose_per_layer", "relabel"]
+
+_EXACT_ASSIGN_MAX = 6  # enumerate all permutations up to this many nodes/GPUs (720)
+
+
+def choose_per_layer(
+    load_LE: torch.Tensor,
+    current_LS: torch.Tensor,
+    fresh_LS: torch.Tensor,
+    *,
+    num_gpus: int,
+    num_nodes: int,
+    hierarchical: bool,
+    max_moves: int | None,
+    min_gain: float,
+    copy_cost: float,
+) -> torch.Tensor:
+    """Per layer the best of (deployed, sticky, relabelled fresh) by
+    ``balancedness - copy_cost * changed_slots / S`` within ``max_moves`` changed slots; layers gaining
+    less than ``min_gain`` stay as deployed. Returns the new map [L, S]."""
+    num_layers, num_slots = current_LS.shape
+    num_experts = load_LE.shape[1]
+    groups = num_nodes if hierarchical else 1
+    relabelled_LS = relabel(fresh_LS, current_LS, num_gpus=num_gpus, num_nodes=groups)
+    count_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+    count_LE.scatter_add_(1, current_LS, torch.ones_like(current_LS))
+    budget_L = None if max_moves is None else torch.full((num_layers,), max_moves, dtype=torch.int64)
+    domain_G = torch.arange(num_gpus) // (num_gpus // groups) if hierarchical else None
+    sticky_LS, _ = local_search(
+        current_LS,
+        count_LE,
+        load_LE,
+        num_packs=num_gpus,
+        cap=num_gpus // groups,
+        current_RS=current_LS,
+        copy_penalty=copy_cost / num_slots,
+        budget_R=budget_L,
+        domain_P=domain_G,
+        max_iters=num_slots if max_moves is None else max_moves,
+    )
+    cands_CLS = torch.stack([current_LS, sticky_LS, relabelled_LS])
+    bal_CL = torch.stack([_balancedness(c, load_LE, num_gpus) for c in cands_CLS])
+    copies_CL = (cands_CLS != current_LS).sum(-1)
+    score_CL = bal_CL - copy_cost * copies_CL / num_slots
+    if max_moves is not None:
+        score_CL = torch.where(copies_CL <= max_moves, score_CL, -float("inf"))
+    best_L = score_CL.argmax(0)  # first on ties: deployed, then sticky, then fresh
+    best_L = torch.where(bal_CL[best_L, torch.arange(num_layers)] - bal_CL[0] < min_gain, 0, best_L)
+    return cands_CLS[best_L, torch.arange(num_layers)]
+
+
+def relabel(new_LS: torch.Tensor, current_LS: torch.Tensor, *, num_gpus: int, num_nodes: int) -> torch.Tensor:
+    """Permute nodes, GPUs inside nodes and slots inside GPUs of ``new_LS`` so that as many slots as
+    possible keep their deployed expert; every GPU keeps its multiset of experts. [L, S]"""
+    num_layers, num_slots = new_LS.shape
+    num_experts = int(torch.maximum(new_LS.max(), current_LS.max())) + 1
+    per_gpu = num_slots // num_gpus
+    gpus_per_node = num_gpus // num_nodes
+    new_LGT = new_LS.view(num_layers, num_gpus, per_gpu)
+    old_LGT = current_LS.view(num_layers, num_gpus, per_gpu)
+    new_pres = _presence(new_LGT, num_experts)
+    old_pres = _presence(old_LGT, num_experts)
+    if num_nodes > 1:
+        new_node = new_pres.view(num_layers, num_nodes, gpus_per_node, -1).sum(2)
+        old_node = old_pres.view(num_layers, num_nodes, gpus_per_node, -1).sum(2)
+        overlap = torch.minimum(new_node.unsqueeze(2), old_node.unsqueeze(1)).sum(-1)
+        node_perm_LN = _assign(overlap)
+        new_LGT = _permute_blocks(new_LGT.view(num_layers, num_nodes, gpus_per_node, per_gpu), node_perm_LN)
+        new_LGT = new_LGT.view(num_layers, num_gpus, per_gpu)
+        new_pres = _presence(new_LGT, num_experts)
+    rows = num_layers * num_nodes
+    new_bin = new_pres.clamp(max=1).view(rows, gpus_per_node, -1)
+    old_bin = old_pres.clamp(max=1).view(rows, gpus_per_node, -1)
+    gpu_perm = _assign(torch.bmm(new_bin, old_bin.transpose(1, 2)))
+    new_RAT = _permute_blocks(new_LGT.view(rows, gpus_per_node, per_gpu), gpu_perm)
+    aligned = _align_slots(new_RAT.reshape(-1, per_gpu), old_LGT.reshape(-1, per_gpu))
+    return aligned.view(num_layers, num_slots)
+
+
+def _balancedness(placement_LS: torch.Tensor, load_LE: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    count = torch.zeros_like(load_LE).scatter_add_(1, placement_LS, torch.ones_like(placement_LS, dtype=load_LE.dtype))
+    gpu_LG = (load_LE / count.clamp(min=1)).gather(1, placement_LS).view(placement_LS.shape[0], num_gpus, -1).sum(-1)
+    top = gpu_LG.max(-1).values
+    return torch.where(top > 0, gpu_LG.mean(-1) / top.clamp(min=1e-300), torch.ones_like(top))
+
+
+def _presence(experts_LGT: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[L, G, E] float64 replica counts of every expert on every GPU."""
+    num_layers, num_gpus, per_gpu = experts_LGT.shape
+    flat = experts_LGT.reshape(num_layers * num_gpus, per_gpu)
+    out = torch.zeros(flat.shape[0], num_experts, dtype=torch.float64)
+    out.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+    return out.view(num_layers, num_gpus, num_experts)
+
+
+def _permute_blocks(blocks_RA: torch.Tensor, perm_RA: torch.Tensor) -> torch.Tensor:
+    """Move block a of every row to position perm[a] (blocks along dim 1)."""
+    out = torch.empty_like(blocks_RA)
+    rows = torch.arange(blocks_RA.shape[0]).unsqueeze(1)
+    out[rows, perm_RA] = blocks_RA
+    return out
+
+
+def _assign(overlap_RAA: torch.Tensor) -> torch.Tensor:
+    """A permutation per row (new a -> old perm[a]) maximising the summed overlap: exact for up to
+    ``_EXACT_ASSIGN_MAX`` items, else greedy (largest overlap first) followed by pairwise exchanges."""
+    num_rows, size, _ = overlap_RAA.shape
+    rows_R = torch.arange(num_rows)
+    if size <= _EXACT_ASSIGN_MAX:
+        perms_KA = torch.tensor(list(itertools.permutations(range(size))), dtype=torch.int64)
+        flat_index = (torch.arange(size) * size + perms_KA).view(-1)
+        score = overlap_RAA.reshape(num_rows, -1)[:, flat_index].view(num_rows, -1, size).sum(-1)
+        return perms_KA[score.argmax(-1)]  # the identity (first) wins ties
+    work = overlap_RAA.clone()
+    perm_RA = torch.empty(num_rows, size, dtype=torch.int64)
+    for _ in range(size):
+        flat = work.view(num_rows, -1).argmax(-1)
+        new_R, old_R = flat // size, flat % size
+        perm_RA[rows_R, new_R] = old_R
+        work[rows_R, new_R, :] = -1.0
+        work[rows_R, :, old_R] = -1.0
+    for _ in range(size * size):  # pairwise exchanges while they raise the overlap
+        picked = overlap_RAA.gather(2, perm_RA.unsqueeze(1).expand(-1, size, -1))  # [r, a, b] = M[a, perm[b]]
+        own = picked.diagonal(dim1=1, dim2=2)
+        gain = picked + picked.transpose(1, 2) - own.unsqueeze(2) - own.unsqueeze(1)
+        best, flat = gain.view(num_rows, -1).max(-1)
+        take = torch.nonzero(best > 1e-9).squeeze(1)
+        if take.numel() == 0:
+            break
+        first, second = flat[take] // size, flat[take] % size
+        p_first, p_second = perm_RA[take, first], perm_RA[take, second]
+        perm_RA[take, first] = p_second
+        perm_RA[take, second] = p_first
+    return perm_RA
+
+
+def _align_slots(new_RT: torch.Tensor, old_RT: torch.Tensor) -> torch.Tensor:
+    """Reorder each row of ``new_RT`` so experts also in ``old_RT`` sit where they sat before."""
+    num_rows, per_gpu = new_RT.shape
+    rows_R = torch.arange(num_rows)
+    equal_RTT = new_RT.unsqueeze(2) == old_RT.unsqueeze(1)
+    used_RT = torch.zeros(num_rows, per_gpu, dtype=torch.bool)
+    pos_RT = torch.full((num_rows, per_gpu), -1, dtype=torch.int64)
+    for t in range(per_gpu):
+        cand = equal_RTT[:, t] & ~used_RT
+        has = cand.any(-1)
+        where = cand.to(torch.int8).argmax(-1)
+        pos_RT[:, t] = torch.where(has, where, -1)
+        used_RT[rows_R[has], where[has]] = True
+    unmatched = pos_RT < 0
+    rank = (unmatched.cumsum(-1) - 1).clamp(min=0)
+    free_RT = torch.sort(used_RT.to(torch.int8), dim=-1, stable=True).indices  # free positions first, ascending
+    pos_RT = torch.where(unmatched, free_RT.gather(1, rank), pos_RT)
+    out = torch.empty_like(new_RT)
+    out.scatter_(1, pos_RT, new_RT)
+    return out

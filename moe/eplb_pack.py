@@ -1,0 +1,533 @@
+"""Vectorized building blocks of the EPLB planner: replica counts, greedy packing, local search.
+
+Every function works on a batch of independent *rows* (one row = one layer, or one layer x node x
+candidate in the hierarchical policy) and loops in Python only over the items of one row, never over
+rows, so 58 layers cost about as much as one. Tie-breaking is fixed (stable sorts, first index on equal
+keys), so equal inputs give equal plans on every rank.
+
+Model: a row has ``E`` logical experts with load ``w`` (tokens), ``P`` packs (GPUs) of ``Sp`` slots each
+(``S = P * Sp`` slots). An expert with ``c`` replicas puts ``w / c`` on every GPU holding a replica.
+
+Legend (shape suffixes): R rows, E experts of a row, P packs (GPUs) of a row, S slots of a row,
+X items to pack, K candidates, D domains (nodes) of a row.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["apportion", "group_partitions", "local_search", "pack_greedy", "place_exactly"]
+
+_INF = float("inf")
+_PAIR_ROUNDS = 1
+_BIG = 1e30  # finite stand-ins for +-inf (float32-safe): big - big stays finite, so no NaN in gain arithmetic
+_NEG = -1e30
+_TOL = 1e-6  # a move must lower the top pack by more than this fraction of its load (float32 gains)
+
+
+def apportion(load_RE: torch.Tensor, num_slots: int, cap: int) -> torch.Tensor:
+    """Replica counts [R, E] (int64) with sum ``num_slots`` per row that minimise the max per-replica load.
+
+    Greedy apportionment (one replica at a time to the expert with the largest ``w / c``; exact for this
+    objective). No expert gets more than ``cap`` replicas (the GPUs it may live on, so no two replicas
+    share a GPU) unless ``num_slots > E * cap`` forces it; then the cap becomes ``ceil(num_slots / E)``.
+    """
+    num_rows, num_experts = load_RE.shape
+    cap = max(cap, -(-num_slots // num_experts))
+    count_RE = torch.ones(num_rows, num_experts, dtype=torch.int64)
+    rows_R = torch.arange(num_rows)
+    ratio_RE = load_RE.clone()  # w / c, or -1 once the expert is at its cap
+    if cap == 1:
+        ratio_RE.fill_(-1.0)
+    for _ in range(num_slots - num_experts):
+        expert_R = ratio_RE.argmax(-1)
+        count_R = count_RE[rows_R, expert_R] + 1
+        count_RE[rows_R, expert_R] = count_R
+        ratio_RE[rows_R, expert_R] = torch.where(count_R >= cap, -1.0, load_RE[rows_R, expert_R] / count_R)
+    return count_RE
+
+
+def pack_greedy(weight_RX: torch.Tensor, expert_RX: torch.Tensor, *, num_packs: int, num_experts: int) -> torch.Tensor:
+    """Pack items into ``num_packs`` packs of equal size (LPT); returns the pack of every item [R, X].
+
+    Items go in descending weight order (stable) to the lightest pack that is not full and does not hold
+    the item's expert yet (a pack holding it is used only when no other pack has room). Equal loads go to
+    the pack with fewer items, then the lower index, so the first ``num_packs`` items fill one pack each.
+    """
+    num_rows, num_items = weight_RX.shape
+    per_pack = num_items // num_packs
+    order_RX = torch.sort(weight_RX, dim=-1, descending=True, stable=True).indices
+    weight_XR = weight_RX.gather(1, order_RX).t().contiguous()
+    expert_XR = expert_RX.gather(1, order_RX).t().contiguous()
+    rows_R = torch.arange(num_rows)
+    pack_XR = torch.empty(num_items, num_rows, dtype=torch.int64)
+    pack_XR[:num_packs] = torch.arange(num_packs).unsqueeze(1)
+    load_RP = weight_XR[:num_packs].t().to(torch.float64).contiguous()
+    count_RP = torch.ones(num_rows, num_packs, dtype=torch.int64)
+    # `big` exceeds any pack load, so a pack that already hosts the expert loses to every other open pack.
+    big_R = weight_RX.sum(-1).to(torch.float64) + 1.0
+    penalty_REP = torch.zeros(num_rows, num_experts, num_packs, dtype=torch.float64)
+    penalty_REP[rows_R.unsqueeze(1), expert_XR[:num_packs].t(), torch.arange(num_packs)] = big_R.unsqueeze(1)
+    if per_pack == 1:
+        load_RP.fill_(_INF)
+    for item in range(num_packs, num_items):
+        expert_R = expert_XR[item]
+        pack_R = (load_RP + penalty_REP[rows_R, expert_R]).argmin(-1)
+        pack_XR[item] = pack_R
+        load_RP.index_put_((rows_R, pack_R), weight_XR[item].to(torch.float64), accumulate=True)
+        count_RP.index_put_((rows_R, pack_R), torch.ones(num_rows, dtype=torch.int64), accumulate=True)
+        load_RP.masked_fill_(count_RP == per_pack, _INF)
+        penalty_REP[rows_R, expert_R, pack_R] = big_R
+    pack_RX = torch.empty(num_rows, num_items, dtype=torch.int64)
+    pack_RX.scatter_(1, order_RX, pack_XR.t())
+    return pack_RX
+
+
+def place_exactly(
+    load_RE: torch.Tensor, *, num_slots: int, num_packs: int, limit: int = 20000
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Optimal placement of tiny rows by enumeration: (slot_expert_RS, count_RE), or None when there are
+    more than ``limit`` candidate placements (or a pack needs more slots than there are experts).
+
+    Candidates are all multisets of ``num_packs`` expert subsets of size ``S / P`` (packs are
+    interchangeable; no expert twice on a pack) that give every expert a replica; the first candidate
+    with the lowest max pack load wins. Slots of a pack hold its experts in ascending order.
+    """
+    num_rows, num_experts = load_RE.shape
+    table = _placements(num_experts, num_packs, num_slots // num_packs, limit)
+    if table is None:
+        return None
+    subsets_KPp, share_KPE = table
+    pack_load_RKP = torch.einsum("re,kpe->rkp", load_RE.to(torch.float64), share_KPE)
+    best_R = pack_load_RKP.amax(-1).argmin(-1)
+    slot_expert_RS = subsets_KPp[best_R].reshape(num_rows, num_slots)
+    count_RE = torch.zeros(num_rows, num_experts, dtype=torch.int64)
+    count_RE.scatter_add_(1, slot_expert_RS, torch.ones_like(slot_expert_RS))
+    return slot_expert_RS, count_RE
+
+
+@functools.lru_cache(maxsize=16)
+def _placements(
+    num_experts: int, num_packs: int, per_pack: int, limit: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """All covering placements: subsets [K, P, per_pack] and the share of every expert's load that lands
+    on every pack, [K, P, E] (1 / replica count where the pack hosts the expert)."""
+    if per_pack > num_experts:
+        return None
+    num_subsets = math.comb(num_experts, per_pack)
+    if math.comb(num_subsets + num_packs - 1, num_packs) > limit:
+        return None
+    subsets = torch.tensor(list(itertools.combinations(range(num_experts), per_pack)), dtype=torch.int64)
+    choice_KP = torch.tensor(list(itertools.combinations_with_replacement(range(num_subsets), num_packs)),
+                             dtype=torch.int64)
+    member_KPE = torch.zeros(choice_KP.shape[0], num_packs, num_experts, dtype=torch.float64)
+    member_KPE.scatter_(2, subsets[choice_KP], 1.0)
+    count_KE = member_KPE.sum(1)
+    keep = (count_KE > 0).all(-1)
+    share_KPE = (member_KPE / count_KE.clamp(min=1).unsqueeze(1))[keep]
+    return subsets[choice_KP[keep]], share_KPE
+
+
+def group_partitions(num_groups: int, num_nodes: int, limit: int = 4096) -> torch.Tensor | None:
+    """All ways [K, num_groups] to split groups into ``num_nodes`` unlabelled equal blocks (node label of
+    each group, blocks labelled in order of their smallest group), or None when there are over ``limit``."""
+    size = num_groups // num_nodes
+    count = math.factorial(num_groups) // (math.factorial(size) ** num_nodes * math.factorial(num_nodes))
+    if count > limit:
+        return None
+    out: list[list[int]] = []
+
+    def extend(labels: list[int], left: list[int], node: int) -> None:
+        if not left:
+            out.append(labels.copy())
+            return
+        head, rest = left[0], left[1:]
+        for others in itertools.combinations(rest, size - 1):
+            for g in (head, *others):
+                labels[g] = node
+            extend(labels, [g for g in rest if g not in others], node + 1)
+
+    extend([0] * num_groups, list(range(num_groups)), 0)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def local_search(
+    slot_expert_RS: torch.Tensor,
+    count_RE: torch.Tensor,
+    load_RE: torch.Tensor,
+    *,
+    num_packs: int,
+    cap: int,
+    current_RS: torch.Tensor | None = None,
+    copy_penalty: float = 0.0,
+    budget_R: torch.Tensor | None = None,
+    domain_P: torch.Tensor | None = None,
+    max_iters: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Improve a placement by moves that lower the most loaded pack; returns (slot_expert_RS, count_RE).
+
+    Each iteration applies, per row, the best of two move kinds on the most loaded pack ``g``:
+    * swap: exchange a replica on ``g`` with a lighter replica on another pack ``h`` (2 slots change);
+    * replace: a replica on ``g`` of an expert with >= 2 replicas becomes a new replica of another expert
+      (1 slot changes; replica counts change, so every host of both experts changes load).
+    A move is taken only if no pack it touches ends at or above the old maximum and it never puts a second
+    replica of an expert on a pack. So the sorted pack loads fall lexicographically and the search ends.
+    Rows that found no move drop out of the working set.
+
+    With ``current_RS`` (the deployed placement) moves are scored as balancedness gain minus
+    ``copy_penalty`` per slot that would newly differ from ``current_RS``, rows stop at ``budget_R``
+    changed slots, and only moves with a positive net score are taken. ``domain_P`` (node of each pack,
+    packs of a node contiguous) keeps swaps inside a node and new replicas on nodes already hosting the expert.
+    """
+    num_rows, num_slots = slot_expert_RS.shape
+    num_experts = load_RE.shape[1]
+    cap = max(cap, -(-num_slots // num_experts))
+    ctx = _Context.build(num_rows, num_packs, num_slots, num_experts, cap, domain_P, copy_penalty,
+                         sticky=current_RS is not None)
+    out_slot, out_count = slot_expert_RS.clone(), count_RE.clone()
+    # Loads are scaled to <= 1 per row: the big candidate tensors are float32 (half the memory traffic).
+    load_RE = load_RE.to(torch.float64)
+    load_RE = load_RE / load_RE.amax(-1, keepdim=True).clamp(min=1e-300)
+    # Fresh plans first descend with swaps only (cheaper iterations), then with both move kinds.
+    phases = (True,) if current_RS is not None else (False, True)
+    for with_replace in phases:
+        presence = torch.zeros(num_rows, num_packs * num_experts, dtype=torch.int8)
+        presence.scatter_add_(1, ctx.slot_pack_S * num_experts + out_slot, torch.ones_like(out_slot, dtype=torch.int8))
+        work = _Work(out_slot.clone(), out_count.clone(), presence.view(num_rows, num_packs, num_experts), load_RE,
+                     current_RS, budget_R)
+        if not with_replace and domain_P is None:
+            for _ in range(_PAIR_ROUNDS):
+                if not _pair_round(work, ctx):
+                    break
+        rows_W = torch.arange(num_rows)  # the working set: rows still moving; shrunk when half are done
+        for _ in range(max_iters):
+            move = _best_moves(work, ctx, with_replace=with_replace)
+            if not bool(move.take_W.any()):
+                break
+            _apply_move(work, move, ctx.per_pack)
+            if 2 * int(move.take_W.sum()) <= move.take_W.numel():
+                work.write_back(out_slot, out_count, rows_W)
+                rows_W = rows_W[move.take_W]
+                work = work.select(move.take_W)
+            work.write_back(out_slot, out_count, rows_W)
+    return out_slot, out_count
+
+
+@dataclass(slots=True)
+class _Work:
+    """Mutable search state of the rows still moving."""
+
+    slot_expert: torch.Tensor  # [W, S]
+    count: torch.Tensor  # [W, E]
+    presence: torch.Tensor  # [W, P, E] int8 replicas of every expert on every pack
+    load: torch.Tensor  # [W, E] float64
+    current: torch.Tensor | None  # [W, S]
+    budget: torch.Tensor | None  # [W]
+
+    def select(self, keep_W: torch.Tensor) -> _Work:
+        fields = (self.slot_expert, self.count, self.presence, self.load, self.current, self.budget)
+        return _Work(*(None if t is None else t[keep_W] for t in fields))
+
+    def write_back(self, out_slot: torch.Tensor, out_count: torch.Tensor, rows_W: torch.Tensor) -> None:
+        out_slot[rows_W] = self.slot_expert
+        out_count[rows_W] = self.count
+
+
+@dataclass(slots=True)
+class _Context:
+    """Constants and scratch buffers of one search. The big [rows, p, Q] candidate tensors are written
+    into reused buffers: fresh multi-MB allocations page-fault on every iteration and cost ~10x the math.
+    Partner columns are ordered q = k * P + h (slot k of pack h) so reductions over a pack's slots run
+    over a middle dimension with the long pack dimension innermost."""
+
+    num_packs: int
+    per_pack: int
+    num_experts: int
+    cap: int
+    domain_P: torch.Tensor | None
+    copy_penalty: float
+    slot_pack_S: torch.Tensor
+    slot_of_Q: torch.Tensor
+    diff: torch.Tensor  # [rows, p, Q] float32
+    gain: torch.Tensor  # [rows, p, Q] float32
+    extra: torch.Tensor | None  # [rows, p, Q] float32 (sticky: copy deltas)
+    flag: torch.Tensor | None  # [rows, p, Q] bool
+    rep_gain: torch.Tensor  # [rows, p, E] float32
+    rep_tmp: torch.Tensor  # [rows, p, E] float32
+    rep_extra: torch.Tensor | None
+    rep_flag: torch.Tensor | None
+
+    @staticmethod
+    def build(num_rows: int, num_packs: int, num_slots: int, num_experts: int, cap: int,
+              domain_P: torch.Tensor | None, copy_penalty: float, *, sticky: bool) -> _Context:
+        per_pack = num_slots // num_packs
+        slot_of_Q = (torch.arange(per_pack).unsqueeze(1) + torch.arange(num_packs) * per_pack).flatten()
+        big = (num_rows, per_pack, num_slots)
+        rep = (num_rows, per_pack, num_experts)
+        f32, boolean = torch.float32, torch.bool
+        return _Context(
+            num_packs, per_pack, num_experts, cap, domain_P, copy_penalty, torch.arange(num_slots) // per_pack,
+            slot_of_Q, torch.empty(big, dtype=f32), torch.empty(big, dtype=f32),
+            torch.empty(big, dtype=f32) if sticky else None,
+            torch.empty(big, dtype=boolean) if sticky else None,
+            torch.empty(rep, dtype=f32),
+            torch.empty(rep, dtype=f32),
+            torch.empty(rep, dtype=f32) if sticky else None,
+            torch.empty(rep, dtype=boolean) if sticky else None,
+        )
+
+
+@dataclass(slots=True)
+class _Move:
+    """The chosen move of every working row: slot_i (on the top pack) gets expert_b; for a swap, slot_j
+    gets slot_i's expert."""
+
+    take_W: torch.Tensor
+    is_swap_W: torch.Tensor
+    slot_i_W: torch.Tensor
+    slot_j_W: torch.Tensor
+    expert_b_W: torch.Tensor
+    top_pack_W: torch.Tensor
+
+
+@dataclass(slots=True)
+class _Top:
+    """Per-iteration view of every working row around its most loaded ("top") pack."""
+
+    rows_W: torch.Tensor
+    slot_load_WS: torch.Tensor  # float64 load of every slot
+    pack_load_WP: torch.Tensor
+    top_W: torch.Tensor  # load of the top pack
+    pack_W: torch.Tensor  # index of the top pack
+    slot_Wp: torch.Tensor  # its slots
+    expert_Wp: torch.Tensor  # their experts
+    load_Wp: torch.Tensor  # their loads
+    on_top_WE: torch.Tensor  # int8 replicas of every expert on the top pack
+    hosts_WPp: torch.Tensor  # int8 replicas of each top-slot expert on every pack
+    mean_W: torch.Tensor | None = None  # sticky mode only from here on
+    left_W: torch.Tensor | None = None  # changed slots still allowed
+    current_Wp: torch.Tensor | None = None  # deployed experts of the top slots
+    moved_Wp: torch.Tensor | None = None  # 1.0 where a top slot already differs from the deployed one
+
+
+def _find_top(w: _Work, ctx: _Context) -> _Top:
+    num_rows = w.slot_expert.shape[0]
+    rows_W = torch.arange(num_rows)
+    slot_load_WS = (w.load / w.count).gather(1, w.slot_expert)
+    pack_load_WP = slot_load_WS.view(num_rows, ctx.num_packs, ctx.per_pack).sum(-1)
+    top_W, pack_W = pack_load_WP.max(-1)
+    slot_Wp = pack_W.unsqueeze(1) * ctx.per_pack + torch.arange(ctx.per_pack)
+    expert_Wp = w.slot_expert.gather(1, slot_Wp)
+    top = _Top(rows_W, slot_load_WS, pack_load_WP, top_W, pack_W, slot_Wp, expert_Wp, slot_load_WS.gather(1, slot_Wp),
+               w.presence[rows_W, pack_W], w.presence.gather(2, expert_Wp.unsqueeze(1).expand(-1, ctx.num_packs, -1)))
+    if w.current is not None:
+        top.mean_W = w.load.sum(-1) / ctx.num_packs
+        top.left_W = w.budget - (w.slot_expert != w.current).sum(-1) if w.budget is not None else None
+        top.current_Wp = w.current.gather(1, slot_Wp)
+        top.moved_Wp = (expert_Wp != top.current_Wp).to(torch.float32)
+    return top
+
+
+def _best_moves(w: _Work, ctx: _Context, *, with_replace: bool) -> _Move:
+    """Best move on the most loaded pack of every working row (see :func:`local_search`)."""
+    top = _find_top(w, ctx)
+    rows_W = top.rows_W
+    swap_score_W, swap_i_W, swap_j_W, swap_gain_W = _best_swap(w, ctx, top)
+    if with_replace:
+        replace_score_W, replace_i_W, replace_b_W, replace_gain_W = _best_replace(w, ctx, top)
+        is_swap_W = swap_score_W >= replace_score_W
+    else:
+        replace_score_W = swap_score_W
+        replace_i_W = replace_b_W = swap_i_W
+        replace_gain_W = swap_gain_W
+        is_swap_W = torch.ones_like(swap_i_W, dtype=torch.bool)
+    slot_i_W = top.slot_Wp[rows_W, torch.where(is_swap_W, swap_i_W, replace_i_W)]
+    # Taking only clear float64 gains (the candidate scores are float32) keeps the descent strict.
+    score_W = torch.where(is_swap_W, swap_score_W, replace_score_W)
+    gain_W = torch.where(is_swap_W, swap_gain_W, replace_gain_W)
+    take_W = (gain_W > _TOL * top.top_W) & (score_W > 0)
+    return _Move(
+        take_W,
+        is_swap_W,
+        slot_i_W,
+        torch.where(is_swap_W, swap_j_W, slot_i_W),
+        torch.where(is_swap_W, w.slot_expert[rows_W, swap_j_W], replace_b_W),
+        top.pack_W,
+    )
+
+
+def _best_swap(w: _Work, ctx: _Context, top: _Top) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best swap per row: (score_W, top-slot index_W, partner slot_W, float64 gain_W).
+
+    Swapping top slot p (expert a, load x) with slot j (expert b, load y) on pack h lowers the max load by
+    min(x - y, room_h - (x - y)), room_h = top - load_h; blocked if b is on the top pack or a on h.
+    """
+    num_rows, per_pack, num_packs = top.rows_W.shape[0], ctx.per_pack, ctx.num_packs
+    room_WP = top.top_W.unsqueeze(1) - top.pack_load_WP
+    if ctx.domain_P is not None:
+        room_WP.masked_fill_(ctx.domain_P.unsqueeze(0) != ctx.domain_P[top.pack_W].unsqueeze(1), _NEG)
+    partner_WS = top.slot_load_WS.masked_fill(top.on_top_WE.gather(1, w.slot_expert) > 0, _BIG)
+    diff, score = ctx.diff[:num_rows], ctx.gain[:num_rows]
+    torch.sub(top.load_Wp.float().unsqueeze(2), partner_WS[:, ctx.slot_of_Q].float().unsqueeze(1), out=diff)
+    torch.sub(room_WP.float().repeat(1, per_pack).unsqueeze(1), diff, out=score)
+    torch.minimum(diff, score, out=score)
+    if w.current is not None:
+        extra, flag = ctx.extra[:num_rows], ctx.flag[:num_rows]
+        torch.ne(w.slot_expert[:, ctx.slot_of_Q].unsqueeze(1), top.current_Wp.unsqueeze(2), out=flag)
+        extra.copy_(flag)
+        torch.ne(top.expert_Wp.unsqueeze(2), w.current[:, ctx.slot_of_Q].unsqueeze(1), out=flag)
+        extra.add_(flag).sub_(top.moved_Wp.unsqueeze(2))
+        extra.sub_((w.slot_expert != w.current).to(torch.float32)[:, ctx.slot_of_Q].unsqueeze(1))
+        _net_score_(score, extra, flag, top, ctx.copy_penalty)
+    # Best partner per (top slot p, pack h); then block the pairs whose pack h already hosts expert a.
+    by_pack = score.view(num_rows, per_pack, per_pack, num_packs).amax(2)
+    by_pack.masked_fill_(top.hosts_WPp.transpose(1, 2) > 0, -_INF)
+    best_W = by_pack.view(num_rows, -1).amax(-1)
+    pair_W = by_pack.view(num_rows, -1).argmax(-1)
+    i_W, h_W = pair_W // num_packs, pair_W % num_packs
+    in_pack_W = score[top.rows_W, i_W].view(num_rows, per_pack, num_packs)[top.rows_W, :, h_W].argmax(-1)
+    j_W = h_W * per_pack + in_pack_W
+    diff_W = top.load_Wp[top.rows_W, i_W] - top.slot_load_WS[top.rows_W, j_W]
+    gain_W = torch.minimum(diff_W, room_WP[top.rows_W, h_W] - diff_W)
+    return best_W, i_W, j_W, gain_W
+
+
+def _best_replace(w: _Work, ctx: _Context, top: _Top) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best replacement per row: (score_W, top-slot index_W, new expert_W, float64 gain_W).
+
+    Replacing top slot p (expert a with c >= 2 replicas) by a new replica of expert b lowers the top pack
+    by x - rise * (copies of a on it - 1) - w_b / (c_b + 1); every other host of a rises by
+    rise = w_a / (c - 1) - w_a / c, and a host of both a and b falls by b's share change. The highest other
+    host of a is evaluated exactly, the second highest without its possible fall (a safe bound).
+    """
+    num_rows, num_packs = top.pack_load_WP.shape
+    rows_W = top.rows_W
+    count_a = w.count.gather(1, top.expert_Wp)
+    rise_Wp = w.load.gather(1, top.expert_Wp) / (count_a - 1).clamp(min=1) - top.load_Wp
+    hosts_WPp = top.hosts_WPp.clone()
+    hosts_WPp[rows_W, top.pack_W] = 0
+    host_val = torch.where(hosts_WPp > 0, top.pack_load_WP.unsqueeze(2) + hosts_WPp * rise_Wp.unsqueeze(1), _NEG)
+    if num_packs >= 2:
+        best2 = host_val.topk(2, dim=1)
+        first_Wp, second_Wp, first_pack_Wp = best2.values[:, 0], best2.values[:, 1], best2.indices[:, 0]
+    else:
+        first_Wp, second_Wp = host_val[:, 0], torch.full_like(host_val[:, 0], _NEG)
+        first_pack_Wp = torch.zeros_like(top.slot_Wp)
+    first_Wp = first_Wp.masked_fill(count_a < 2, _BIG)  # an only replica cannot be replaced
+    drop_Wp = top.load_Wp - (top.on_top_WE.gather(1, top.expert_Wp) - 1) * rise_Wp
+    blocked_WE = (top.on_top_WE > 0) | (w.count >= ctx.cap)
+    if ctx.domain_P is not None:
+        num_domains = int(ctx.domain_P.max()) + 1
+        node_has = w.presence.view(num_rows, num_domains, -1, ctx.num_experts).sum(2, dtype=torch.int32) > 0
+        blocked_WE |= ~node_has[rows_W, ctx.domain_P[top.pack_W]]
+    new_share_WE = w.load / (w.count + 1)
+    fall_WE = w.load / w.count - new_share_WE
+    new_share_WE.masked_fill_(blocked_WE, _BIG)
+    b_on_first = w.presence.gather(1, first_pack_Wp.unsqueeze(2).expand(-1, -1, ctx.num_experts))
+    score, tmp = ctx.rep_gain[:num_rows], ctx.rep_tmp[:num_rows]
+    torch.mul(b_on_first, fall_WE.float().unsqueeze(1), out=score)
+    torch.sub(first_Wp.float().unsqueeze(2), score, out=score)
+    torch.maximum(score, second_Wp.float().unsqueeze(2), out=score)
+    torch.sub(top.top_W.float().view(-1, 1, 1), score, out=score)  # room left under the top by a's hosts
+    torch.sub(drop_Wp.float().unsqueeze(2), new_share_WE.float().unsqueeze(1), out=tmp)
+    torch.minimum(score, tmp, out=score)
+    if w.current is not None:
+        extra, flag = ctx.rep_extra[:num_rows], ctx.rep_flag[:num_rows]
+        torch.ne(torch.arange(ctx.num_experts).view(1, 1, -1), top.current_Wp.unsqueeze(2), out=flag)
+        extra.copy_(flag).sub_(top.moved_Wp.unsqueeze(2))
+        _net_score_(score, extra, flag, top, ctx.copy_penalty)
+    best_W = score.view(num_rows, -1).amax(-1)
+    flat_W = score.view(num_rows, -1).argmax(-1)
+    i_W, b_W = flat_W // ctx.num_experts, flat_W % ctx.num_experts
+    hosts_after_W = torch.maximum(
+        first_Wp[rows_W, i_W] - b_on_first[rows_W, i_W, b_W] * fall_WE[rows_W, b_W], second_Wp[rows_W, i_W]
+    )
+    gain_W = torch.minimum(drop_Wp[rows_W, i_W] - new_share_WE[rows_W, b_W], top.top_W - hosts_after_W)
+    return best_W, i_W, b_W, gain_W
+
+
+def _pair_round(w: _Work, ctx: _Context) -> bool:
+    """Pair the heaviest pack with the lightest, the 2nd with the 2nd lightest, ... and apply in every pair
+    the best swap lowering the pair's max (pairs are disjoint, so all swaps apply at once). Cheap bulk
+    balancing before the one-move-per-iteration search; returns whether any swap was made."""
+    num_rows = w.slot_expert.shape[0]
+    per_pack, num_packs = ctx.per_pack, ctx.num_packs
+    half = num_packs // 2
+    if half == 0:
+        return False
+    slot_load_WS = (w.load / w.count).gather(1, w.slot_expert)
+    pack_load_WP = slot_load_WS.view(num_rows, num_packs, per_pack).sum(-1)
+    order_WP = torch.sort(pack_load_WP, dim=-1, descending=True, stable=True).indices
+    heavy_WH, light_WH = order_WP[:, :half], order_WP.flip(-1)[:, :half]
+    in_pack = torch.arange(per_pack)
+    heavy_slot = (heavy_WH.unsqueeze(2) * per_pack + in_pack).view(num_rows, -1)  # [W, H * per]
+    light_slot = (light_WH.unsqueeze(2) * per_pack + in_pack).view(num_rows, -1)
+    x = slot_load_WS.gather(1, heavy_slot).view(num_rows, half, per_pack, 1)
+    y = slot_load_WS.gather(1, light_slot).view(num_rows, half, 1, per_pack)
+    expert_a = w.slot_expert.gather(1, heavy_slot).view(num_rows, half, per_pack)
+    expert_b = w.slot_expert.gather(1, light_slot).view(num_rows, half, per_pack)
+    flat_presence = w.presence.view(num_rows, -1)
+    b_on_heavy = flat_presence.gather(1, (heavy_WH.unsqueeze(2) * ctx.num_experts + expert_b).view(num_rows, -1))
+    a_on_light = flat_presence.gather(1, (light_WH.unsqueeze(2) * ctx.num_experts + expert_a).view(num_rows, -1))
+    room = (pack_load_WP.gather(1, heavy_WH) - pack_load_WP.gather(1, light_WH)).view(num_rows, half, 1, 1)
+    diff = x - y
+    gain = torch.minimum(diff, room - diff)
+    gain.masked_fill_((b_on_heavy > 0).view(num_rows, half, 1, per_pack), _NEG)
+    gain.masked_fill_((a_on_light > 0).view(num_rows, half, per_pack, 1), _NEG)
+    best, flat = gain.view(num_rows, half, -1).max(-1)
+    top_W = pack_load_WP.gather(1, order_WP[:, :1])
+    take = best > _TOL * top_W
+    if not bool(take.any()):
+        return False
+    row, pair = torch.nonzero(take, as_tuple=True)
+    i, j = flat[row, pair] // per_pack, flat[row, pair] % per_pack
+    slot_i = heavy_WH[row, pair] * per_pack + i
+    slot_j = light_WH[row, pair] * per_pack + j
+    a, b = expert_a[row, pair, i], expert_b[row, pair, j]
+    w.slot_expert[row, slot_i] = b
+    w.slot_expert[row, slot_j] = a
+    one = torch.ones_like(row, dtype=torch.int8)
+    for pack, expert, delta in ((heavy_WH[row, pair], a, -one), (heavy_WH[row, pair], b, one),
+                                (light_WH[row, pair], b, -one), (light_WH[row, pair], a, one)):
+        w.presence.index_put_((row, pack, expert), delta, accumulate=True)
+    return True
+
+
+def _net_score_(gain: torch.Tensor, changes: torch.Tensor, flag: torch.Tensor, top: _Top, copy_penalty: float) -> None:
+    """In place: ``gain`` (drop of the top pack) becomes the balancedness gain minus ``copy_penalty`` per
+    newly changed slot (reverting one earns nothing, so no move pays for itself by undoing another);
+    moves needing more changed slots than ``top.left_W`` get -BIG. ``changes``/``flag`` are scratch."""
+    top_load = top.top_W.float().view(-1, 1, 1)
+    mean = top.mean_W.float().view(-1, 1, 1)
+    if top.left_W is not None:
+        torch.gt(changes, top.left_W.float().view(-1, 1, 1), out=flag)
+    gain.clamp_(min=top_load * _TOL - top_load, max=top_load * (1 - _TOL))
+    gain.neg_().add_(top_load).reciprocal_().mul_(mean).sub_(mean / top_load)
+    gain.sub_(changes.clamp_(min=0).mul_(copy_penalty))
+    if top.left_W is not None:
+        changes.copy_(flag)
+        gain.sub_(changes.mul_(_BIG))
+
+
+def _apply_move(w: _Work, move: _Move, per_pack: int) -> None:
+    """Apply the chosen move of every row where ``take_W`` (in place)."""
+    rows = torch.nonzero(move.take_W).squeeze(1)
+    is_swap = move.is_swap_W[rows]
+    slot_i, slot_j, expert_b = move.slot_i_W[rows], move.slot_j_W[rows], move.expert_b_W[rows]
+    expert_a = w.slot_expert[rows, slot_i]
+    w.slot_expert[rows, slot_i] = expert_b
+    w.slot_expert[rows, slot_j] = torch.where(is_swap, expert_a, expert_b)
+    one = torch.ones_like(rows)
+    swap_one = is_swap.to(torch.int64)
+    top = move.top_pack_W[rows]
+    other = slot_j // per_pack
+    for pack, expert, delta in ((top, expert_a, -one), (top, expert_b, one), (other, expert_b, -swap_one),
+                                (other, expert_a, swap_one)):
+        w.presence.index_put_((rows, pack, expert), delta.to(torch.int8), accumulate=True)
+    w.count.index_put_((rows, expert_a), swap_one - one, accumulate=True)
+    w.count.index_put_((rows, expert_b), one - swap_one, accumulate=True)
