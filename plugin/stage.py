@@ -192,8 +192,9 @@ class Stage(nn.Module):
             if isinstance(fn, nn.Module):
                 self.add_module(str(index), fn)
 
-    def forward(self, x: Any) -> Any:
-        """Run the part's layers; `x` is what the first layer takes (a tensor or a tuple of tensors)."""
+    def forward(self, *inputs: Any) -> Any:
+        """Run the part's layers on `inputs`: one tensor goes in as is, several as one tuple (DeepSpeed's way)."""
+        x = inputs[0] if len(inputs) == 1 else inputs
         for fn in self._funcs:
             x = fn(x)
         return x

@@ -243,7 +243,7 @@ def cos_diff(a: Tensor, b: Tensor) -> float:
 
 def check_against_reference(case: Case, results: list[dict[str, Any]], *, grads: bool = True,
                             weights: bool = False, tol: float = 1e-12) -> None:
-    """Assert every kind's per-micro-batch losses are bitwise the reference's, and grads (or weights) match.
+    """Assert every kind's per-micro-batch losses equal the reference's, and grads (or weights) match.
 
     Grads must be bitwise equal or within cos-diff `tol`; every parameter must be present on some rank.
     """
@@ -256,7 +256,11 @@ def check_against_reference(case: Case, results: list[dict[str, Any]], *, grads:
                 seen.update(r[kind]["losses"][step])
             assert sorted(seen) == list(range(case.dp * case.micro_batches)), (kind, sorted(seen))
             for mb, value in seen.items():
-                assert torch.equal(torch.from_numpy(value), ref_losses[step][mb]), (kind, step, mb)
+                got = torch.from_numpy(value)
+                # Step 0 runs the reference's ops on the reference's weights: bitwise. Later steps start
+                # from weights updated with grads summed in another order.
+                assert torch.equal(got, ref_losses[step][mb]) if step == 0 else \
+                    torch.allclose(got, ref_losses[step][mb], rtol=1e-5, atol=0), (kind, step, mb)
             mean = float(torch.stack(ref_losses[step]).mean())
             assert all(abs(r[kind]["mean"][step] - mean) <= 1e-6 * max(1.0, abs(mean)) for r in results), kind
         for what, ref in (("grads", ref_grads if grads else None), ("weights", ref_weights if weights else None)):
