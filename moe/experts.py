@@ -15,8 +15,8 @@ buffers, and `reduce_slot_grads` sums them into the homes' `.grad` (one all-to-a
 `refresh_slots`). Homes carry DeepSpeed's expert marks (`allreduce=False`, `group_name`), so
 DeepSpeed then reduces them over the expert-data-parallel group and ZeRO puts them in MoE groups.
 
-Grouped GEMM: `torch._grouped_mm` for bf16 on CUDA; elsewhere (CPU, fp32/fp64) a loop of `torch.mm`
-over the groups with the same math.
+Grouped GEMM: `F.grouped_mm` (or `torch._grouped_mm` on older torch) for bf16 on CUDA; elsewhere (CPU,
+fp32/fp64) a loop of `torch.mm` over the groups with the same math.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ __all__ = ["SlotExperts", "expert_group_name", "grouped_mm", "grouped_mm_dx", "g
 
 logger = logging.getLogger(__name__)
 _FAST_PATH_BROKEN: set[str] = set()
+# torch >= 2.10 has the public F.grouped_mm (bf16, CUDA SM80+); older builds only the private op.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -50,7 +52,7 @@ def expert_group_name(ep_size: int) -> str:
 def _fast(*tensors: Tensor, op: str) -> bool:
     """Use torch._grouped_mm: CUDA, bf16, 16-byte aligned rows, and not failed before."""
     t = tensors[0]
-    return (t.is_cuda and hasattr(torch, "_grouped_mm") and op not in _FAST_PATH_BROKEN
+    return (t.is_cuda and _GROUPED_MM is not None and op not in _FAST_PATH_BROKEN
             and all(x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 for x in tensors))
 
 
@@ -70,8 +72,7 @@ def _try_fast(op: str, fn: Callable[[], Tensor]) -> Tensor | None:
 def grouped_mm(x_MK: Tensor, w_GNK: Tensor, counts: Sequence[int]) -> Tensor:
     """y rows of group g = x rows of g @ w[g].T (`counts[g]` consecutive rows per group) -> [M, N]."""
     if _fast(x_MK, w_GNK, op="fwd") and x_MK.shape[0] > 0:
-        y = _try_fast("fwd", lambda: torch._grouped_mm(x_MK, w_GNK.transpose(-2, -1),
-                                                       offs=_offsets(counts, x_MK.device)))
+        y = _try_fast("fwd", lambda: _GROUPED_MM(x_MK, w_GNK.transpose(-2, -1), offs=_offsets(counts, x_MK.device)))
         if y is not None:
             return y
     out = x_MK.new_empty((x_MK.shape[0], w_GNK.shape[1]))
@@ -86,7 +87,7 @@ def grouped_mm(x_MK: Tensor, w_GNK: Tensor, counts: Sequence[int]) -> Tensor:
 def grouped_mm_dx(dy_MN: Tensor, w_GNK: Tensor, counts: Sequence[int]) -> Tensor:
     """Input grad of `grouped_mm`: dx rows of g = dy rows of g @ w[g] -> [M, K]."""
     if _fast(dy_MN, w_GNK, op="dx") and dy_MN.shape[0] > 0:
-        dx = _try_fast("dx", lambda: torch._grouped_mm(dy_MN, w_GNK, offs=_offsets(counts, dy_MN.device)))
+        dx = _try_fast("dx", lambda: _GROUPED_MM(dy_MN, w_GNK, offs=_offsets(counts, dy_MN.device)))
         if dx is not None:
             return dx
     out = dy_MN.new_empty((dy_MN.shape[0], w_GNK.shape[2]))
@@ -101,7 +102,9 @@ def grouped_mm_dx(dy_MN: Tensor, w_GNK: Tensor, counts: Sequence[int]) -> Tensor
 def grouped_wgrad_(out_GNK: Tensor, dy_MN: Tensor, x_MK: Tensor, counts: Sequence[int]) -> None:
     """Weight grad of `grouped_mm`, accumulated in place: out[g] += dy_g.T @ x_g."""
     if _fast(dy_MN, x_MK, op="dw") and dy_MN.shape[0] > 0:
-        dw = _try_fast("dw", lambda: torch._grouped_mm(dy_MN.t(), x_MK, offs=_offsets(counts, x_MK.device)))
+        # 2-D x 2-D: the shared M dimension is split by offs, giving [G, N, K]; accumulate in fp32.
+        dw = _try_fast("dw", lambda: _GROUPED_MM(dy_MN.t(), x_MK, offs=_offsets(counts, x_MK.device),
+                                                 out_dtype=out_GNK.dtype))
         if dw is not None:
             out_GNK.add_(dw)
             return
