@@ -169,22 +169,26 @@ class Case:
     num_layers: int = 8
     steps: int = 1
     lr: float = 0.0
+    dtype: str = "fp32"  # "fp32" or "bf16" (data and the DeepSpeed "bf16" section)
     extra: tuple[tuple[str, Any], ...] = ()  # top-level DeepSpeed keys
     pipeline: tuple[tuple[str, Any], ...] = ()  # extra "pipeline" keys
 
     def specs(self) -> list[Any]:
         return mlp_specs(self.num_layers) if self.model == "mlp" else tied_specs(self.num_layers - 2)
 
-    def data(self, dtype: torch.dtype = torch.float32) -> list[tuple[Tensor, Tensor]]:
+    def data(self, dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor]]:
         """All micro-batches of all steps and replicas: step-major, then replica, then micro-batch."""
+        dtype = dtype or (torch.bfloat16 if self.dtype == "bf16" else torch.float32)
         return batches("mlp" if self.model == "mlp" else "tokens", self.steps * self.dp * self.micro_batches,
                        seed=7, dtype=dtype)
 
     def config(self, kind: str) -> dict[str, Any]:
         cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": self.micro_batches,
-               "steps_per_print": 10**6, "gradient_clipping": 0.0,
+               "steps_per_print": 10**6, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
                "optimizer": {"type": "SGD", "params": {"lr": self.lr}},
                "pipeline": {"schedule": kind, "timeout_s": 60, "partition_method": "uniform", **dict(self.pipeline)}}
+        if self.dtype == "bf16":
+            cfg["bf16"] = {"enabled": True}
         cfg.update(dict(self.extra))
         return cfg
 
@@ -247,7 +251,7 @@ def check_against_reference(case: Case, results: list[dict[str, Any]], *, grads:
 
     Grads must be bitwise equal or within cos-diff `tol`; every parameter must be present on some rank.
     """
-    ref_losses, ref_grads, ref_weights = reference(case.specs(), case.data(), dtype=torch.float32,
+    ref_losses, ref_grads, ref_weights = reference(case.specs(), case.data(torch.float32), dtype=torch.float32,
                                                    scale=case.dp * case.micro_batches, steps=case.steps, lr=case.lr)
     for kind in case.kinds:
         for step in range(case.steps):
