@@ -264,7 +264,10 @@ def test_replace_moe_blocks_leaves_dense_models_alone() -> None:
     assert replace_moe_blocks(dense) == 0
 
 
-# ---- EP=2 through accelerate + DeepSpeed (2 gloo ranks) --------------------------------------------------------------
+# ---- EP=2 through DeepSpeed and accelerate (2 gloo ranks) -------------------------------------------------------
+LR = 0.2
+
+
 def _moe_aware_initialize(original):
     """`deepspeed.initialize` building the MoE-aware engine (what dualmoe.install() should route to)."""
     import deepspeed
@@ -277,66 +280,106 @@ def _moe_aware_initialize(original):
     return initialize
 
 
-def _accelerate_ep2(rank: int, world: int) -> dict[str, float]:
-    import deepspeed
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin
-    from deepspeed.moe.utils import configure_moe_param_groups
-
-    ds_config = json.loads((ROOT / "configs" / "ds_moe_deepseek_v3_tiny.json").read_text())
-    ds_config["moe"]["router"]["bias_update_rate"] = 0.0  # plain HF has no bias update to compare against
-    hf = _hf_model("deepseek_v3")
-    ref = copy.deepcopy(hf)
-    assert replace_moe_blocks(hf, moe_config_from_hf(hf.config, **ds_config["moe"])) == 2
-    batches = [[_ids(hf.config, seed=10 * step + r, shape=(2, 8)) for r in range(world)] for step in range(2)]
-    original = deepspeed.initialize
-    deepspeed.initialize = _moe_aware_initialize(original)
-    try:
-        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config))
-        optimizer = torch.optim.SGD(configure_moe_param_groups(list(hf.parameters())), lr=0.2)
-        engine, optimizer = accelerator.prepare(hf, optimizer)
-    finally:
-        deepspeed.initialize = original
-    with torch.no_grad():  # the engine bound the EP group; each rank holds half of the experts
-        out = {"logits": _diff(engine(batches[0][rank]).logits, ref(batches[0][rank]).logits), "loss": 0.0}
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.2)
+def _reference_losses(ref, batches, world: int, clip: float) -> list[float]:
+    """Plain HF training on every rank's batch (mean loss, clipped like DeepSpeed, SGD)."""
+    opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    losses = []
     for step_batches in batches:
-        ids = step_batches[rank]
-        loss = engine(input_ids=ids, labels=ids).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        mean = loss.detach().clone()
+        loss = sum(ref(input_ids=b, labels=b).loss for b in step_batches) / world
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _compare(engine, train_step, ref, ref_losses, batches, rank: int, world: int) -> dict[str, float]:
+    with torch.no_grad():  # the engine bound the EP group; each rank holds half of the experts
+        first = batches[0][rank]
+        out = {"logits": _diff(engine(first).logits, _hf_model("deepseek_v3")(first).logits), "loss": 0.0}
+    for step_batches, ref_loss in zip(batches, ref_losses, strict=True):
+        mean = train_step(step_batches[rank]).detach().clone()
         torch.distributed.all_reduce(mean)
-        ref_loss = sum(ref(input_ids=b, labels=b).loss for b in step_batches) / world
-        ref_loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), ds_config["gradient_clipping"])
-        ref_opt.step()
-        ref_opt.zero_grad()
-        out["loss"] = max(out["loss"], abs(float(mean) / world - float(ref_loss.detach())))
+        out["loss"] = max(out["loss"], abs(float(mean) / world - ref_loss))
     state, ref_state = export_hf_state_dict(engine.module), ref.state_dict()
     assert set(state) == set(ref_state)
     out["weights"] = max(_diff(state[k], ref_state[k]) for k in ref_state)
-    init = _hf_model("deepseek_v3").state_dict()
-    out["experts_moved"] = max(_diff(ref_state[k], init[k]) for k in ref_state if ".experts." in k)
     out["clipping"] = float(engine.gradient_clipping())  # the reference clips the same way
     out["engine_is_moe"] = float(type(engine).__name__ == "MoEDeepSpeedEngine" and engine.has_moe_layers)
     return out
 
 
+def _train_ep2(rank: int, world: int) -> dict[str, dict[str, float]]:
+    """The tiny DeepSeek-V3 with the tiny DS JSON (EP2, 2 redundant slots, ZeRO-1) trained two steps by
+    `dualmoe.moe.hooks.initialize` and by accelerate, each against plain HF training."""
+    import deepspeed
+    from accelerate import Accelerator
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.moe.utils import configure_moe_param_groups
+    from dualmoe.moe.hooks import initialize
+
+    ds_config = json.loads((ROOT / "configs" / "ds_moe_deepseek_v3_tiny.json").read_text())
+    ds_config["moe"]["router"]["bias_update_rate"] = 0.0  # plain HF has no bias update to compare against
+    ref = _hf_model("deepseek_v3")
+    batches = [[_ids(ref.config, seed=10 * step + r, shape=(2, 8)) for r in range(world)] for step in range(2)]
+    ref_losses = _reference_losses(ref, batches, world, ds_config["gradient_clipping"])
+    init = _hf_model("deepseek_v3").state_dict()
+    results = {"experts_moved": {"max": max(_diff(ref.state_dict()[k], init[k]) for k in init if ".experts." in k)}}
+
+    def swapped():
+        model = _hf_model("deepseek_v3")
+        assert replace_moe_blocks(model, moe_config_from_hf(model.config, **ds_config["moe"])) == 2
+        return model, configure_moe_param_groups(list(model.parameters()))
+
+    model, groups = swapped()
+    engine, _, _, _ = initialize(model=model, model_parameters=groups, config=ds_config,
+                                 optimizer=lambda g: torch.optim.SGD(g, lr=LR))
+
+    def ds_step(ids):
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    results["deepspeed"] = _compare(engine, ds_step, ref, ref_losses, batches, rank, world)
+
+    model, groups = swapped()
+    original = deepspeed.initialize
+    deepspeed.initialize = _moe_aware_initialize(original)
+    try:
+        accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config))
+        engine, optimizer = accelerator.prepare(model, torch.optim.SGD(groups, lr=LR))
+    finally:
+        deepspeed.initialize = original
+
+    def accelerate_step(ids):
+        loss = engine(input_ids=ids, labels=ids).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    results["accelerate"] = _compare(engine, accelerate_step, ref, ref_losses, batches, rank, world)
+    return results
+
+
 @pytest.fixture(scope="module")
-def accelerate_ep2() -> list[dict[str, float]]:
-    return run_ranks(_accelerate_ep2, world_size=2, timeout_s=150)
+def trained_ep2() -> list[dict[str, dict[str, float]]]:
+    return run_ranks(_train_ep2, world_size=2, timeout_s=150)
 
 
 @pytest.mark.dist
-def test_replace_moe_blocks_ep2_matches_hf_logits(accelerate_ep2: list[dict[str, float]]) -> None:
-    assert all(r["logits"] < 2e-6 for r in accelerate_ep2)
+@pytest.mark.parametrize("path", ["deepspeed", "accelerate"])
+def test_replace_moe_blocks_ep2_matches_hf_logits(trained_ep2, path: str) -> None:
+    assert all(r[path]["logits"] < 2e-6 for r in trained_ep2)
 
 
 @pytest.mark.dist
-def test_accelerate_deepspeed_ep2_zero1_trains_like_plain_hf(accelerate_ep2: list[dict[str, float]]) -> None:
-    for r in accelerate_ep2:
-        assert r["engine_is_moe"] == 1.0 and r["clipping"] == 1.0
-        assert r["loss"] < 1e-5
-        assert r["experts_moved"] > 1e-3 and r["weights"] < 1e-5  # export gathers both ranks' experts
+@pytest.mark.parametrize("path", ["deepspeed", "accelerate"])
+def test_ep2_zero1_training_equals_plain_hf_and_exports_all_experts(trained_ep2, path: str) -> None:
+    for r in trained_ep2:
+        assert r["experts_moved"]["max"] > 1e-3  # the two steps really train the experts
+        assert r[path]["engine_is_moe"] == 1.0 and r[path]["clipping"] == 1.0
+        assert r[path]["loss"] < 1e-5
+        assert r[path]["weights"] < 1e-5  # export gathers both ranks' home experts
