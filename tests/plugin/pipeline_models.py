@@ -125,7 +125,7 @@ class _Reference(nn.Module):
 
 
 def reference(specs: Sequence[Any], data: Sequence[tuple[Tensor, Tensor]], *, dtype: torch.dtype = torch.float64,
-              scale: int | None = None, steps: int = 1, lr: float = 0.0
+              scale: int | None = None, steps: int = 1, lr: float = 0.0, clip: float = 0.0
               ) -> tuple[list[list[Tensor]], dict[str, Tensor], dict[str, Tensor]]:
     """Per-step per-micro-batch losses, the last step's grads and the final weights, by parameter name.
 
@@ -136,6 +136,7 @@ def reference(specs: Sequence[Any], data: Sequence[tuple[Tensor, Tensor]], *, dt
         scale: divisor of each micro-batch loss (default: micro-batches per step).
         steps: optimizer steps (plain SGD with `lr`).
         lr: SGD learning rate.
+        clip: max global grad norm before each update (0: no clipping).
     """
     model = _Reference(specs, dtype)
     per_step = len(data) // steps
@@ -150,6 +151,8 @@ def reference(specs: Sequence[Any], data: Sequence[tuple[Tensor, Tensor]], *, dt
             step_losses.append(loss.detach())
         losses.append(step_losses)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:
@@ -170,6 +173,7 @@ class Case:
     steps: int = 1
     lr: float = 0.0
     dtype: str = "fp32"  # "fp32" or "bf16" (data and the DeepSpeed "bf16" section)
+    clip: float = 0.0  # gradient_clipping
     extra: tuple[tuple[str, Any], ...] = ()  # top-level DeepSpeed keys
     pipeline: tuple[tuple[str, Any], ...] = ()  # extra "pipeline" keys
 
@@ -184,7 +188,7 @@ class Case:
 
     def config(self, kind: str) -> dict[str, Any]:
         cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": self.micro_batches,
-               "steps_per_print": 10**6, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
+               "steps_per_print": 10**6, "gradient_clipping": self.clip, "zero_allow_untested_optimizer": True,
                "optimizer": {"type": "SGD", "params": {"lr": self.lr}},
                "pipeline": {"schedule": kind, "timeout_s": 60, "partition_method": "uniform", **dict(self.pipeline)}}
         if self.dtype == "bf16":
@@ -252,7 +256,8 @@ def check_against_reference(case: Case, results: list[dict[str, Any]], *, grads:
     Grads must be bitwise equal or within cos-diff `tol`; every parameter must be present on some rank.
     """
     ref_losses, ref_grads, ref_weights = reference(case.specs(), case.data(torch.float32), dtype=torch.float32,
-                                                   scale=case.dp * case.micro_batches, steps=case.steps, lr=case.lr)
+                                                   scale=case.dp * case.micro_batches, steps=case.steps, lr=case.lr,
+                                                   clip=case.clip)
     for kind in case.kinds:
         for step in range(case.steps):
             seen: dict[int, np.ndarray] = {}
