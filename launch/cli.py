@@ -28,6 +28,7 @@ __all__ = ["COMMANDS", "build_parser", "main"]
 # name -> module; the order is the order in `dualmoe --help`.
 COMMANDS: dict[str, str] = {
     "schedule": "dualmoe.launch.schedule_cmd",
+    "plan": "dualmoe.launch.plan_cmd",
 }
 
 
