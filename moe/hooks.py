@@ -24,8 +24,9 @@ DeepSpeed 0.19.8 facts this relies on (runtime/engine.py, runtime/zero/stage_1_a
 
 `moe_engine_class(DeepSpeedEngine)` (or a pipeline engine class) returns a subclass that runs all of
 this; `initialize(...)` is `deepspeed.initialize` with that class for plain (non-pipeline) models.
-A pipeline engine must call `engine.moe_reduce_slot_grads()` in its own gradient-reduction handler
-when that handler does not go through `allreduce_gradients` (e.g. DeepSpeed's bf16 pipeline path).
+Pipeline engines reduce through `_exec_reduce_grads` / `_bf16_reduce_grads` / `allreduce_gradients`,
+all three of which first call `engine.moe_reduce_slot_grads()`; an engine that reduces gradients some
+other way must call it itself (after the weight-grad queue has run).
 """
 
 from __future__ import annotations
@@ -184,6 +185,15 @@ class MoEEngineMixin:
         if self.is_gradient_accumulation_boundary():
             self.moe_reduce_slot_grads()
         super().allreduce_gradients(*args, **kwargs)  # type: ignore[misc]
+
+    # Pipeline engines reduce at the step end through these (the bf16 one bypasses allreduce_gradients).
+    def _exec_reduce_grads(self, *args: Any, **kwargs: Any) -> None:
+        self.moe_reduce_slot_grads()
+        super()._exec_reduce_grads(*args, **kwargs)  # type: ignore[misc]
+
+    def _bf16_reduce_grads(self, *args: Any, **kwargs: Any) -> None:
+        self.moe_reduce_slot_grads()
+        super()._bf16_reduce_grads(*args, **kwargs)  # type: ignore[misc]
 
     def _take_model_step(self, *args: Any, **kwargs: Any) -> None:
         super()._take_model_step(*args, **kwargs)  # type: ignore[misc]
