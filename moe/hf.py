@@ -147,6 +147,18 @@ def _aux_alpha(hf_config: Any) -> float:
     return float(hf_config.router_aux_loss_coef) if getattr(hf_config, "output_router_logits", False) else 0.0
 
 
+def _check_hf_settings(hf_config: Any, model_type: str) -> None:
+    """Reject HF settings MoELayer cannot reproduce."""
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{model_type}.hidden_act={act!r}: dualmoe experts are SwiGLU with SiLU; only "
+                          "hidden_act='silu' maps onto MoELayer")
+    jitter = getattr(hf_config, "router_jitter_noise", 0.0) or 0.0
+    if jitter > 0:
+        raise ConfigError(f"{model_type}.router_jitter_noise={jitter}: dualmoe's router has no input jitter; set "
+                          "router_jitter_noise to 0 in the model config")
+
+
 def _derived_fields(hf_config: Any, model_type: str) -> dict[str, Any]:
     """MoEConfig fields read off an HF config (before overrides)."""
     if model_type == "deepseek_v3":
@@ -157,10 +169,6 @@ def _derived_fields(hf_config: Any, model_type: str) -> dict[str, Any]:
                            "norm_topk_prob": bool(hf_config.norm_topk_prob),
                            "routed_scaling_factor": float(hf_config.routed_scaling_factor)}}
     if model_type == "mixtral":
-        jitter = getattr(hf_config, "router_jitter_noise", 0.0) or 0.0
-        if jitter > 0:
-            raise ConfigError(f"mixtral.router_jitter_noise={jitter}: dualmoe's router has no input jitter; set "
-                              "router_jitter_noise to 0 in the model config")
         num_experts, norm = hf_config.num_local_experts, True
     else:  # qwen2_moe, qwen3_moe
         num_experts, norm = hf_config.num_experts, bool(hf_config.norm_topk_prob)
@@ -197,10 +205,7 @@ def moe_config_from_hf(hf_config: Any, *, ep_size: int = 1, num_redundant_expert
     """
     model_type = getattr(hf_config, "model_type", None)
     fam = _family(model_type)
-    act = getattr(hf_config, "hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"{model_type}.hidden_act={act!r}: dualmoe experts are SwiGLU with SiLU; only "
-                          "hidden_act='silu' maps onto MoELayer")
+    _check_hf_settings(hf_config, model_type)
     fields = _derived_fields(hf_config, model_type)
     assert fields["router"]["score_func"] == fam.score_func
     fields.update(ep_size=ep_size, num_redundant_experts=num_redundant_experts)
@@ -246,9 +251,10 @@ def _check_block(name: str, block: nn.Module, config: MoEConfig, fam: _Family) -
             raise ConfigError(f"moe.num_shared_experts={config.num_shared_experts}: {name}.shared_experts is {width} "
                               f"wide = {width // max(ffn, 1)} x the expert width {ffn}; set "
                               f"moe.num_shared_experts={width // max(ffn, 1)}")
-    elif config.num_shared_experts and fam.shared == "none":
-        raise ConfigError(f"moe.num_shared_experts={config.num_shared_experts}: {name} "
-                          f"({type(block).__name__}) has no shared expert weights; set moe.num_shared_experts to 0")
+    elif config.num_shared_experts:
+        what = "one gated shared expert of its own width" if fam.shared == "qwen2_gated" else "no shared expert"
+        raise ConfigError(f"moe.num_shared_experts={config.num_shared_experts}: {name} ({type(block).__name__}) "
+                          f"has {what}, which num_shared_experts does not describe; set moe.num_shared_experts to 0")
     return hidden, ffn
 
 
@@ -299,8 +305,8 @@ def replace_moe_blocks(model: nn.Module, moe_config: MoEConfig | None = None, *,
 
     Raises:
         ConfigError: an unsupported model type (when `moe_config` is None), shapes that do not fit
-            `moe_config`, non-fused expert weights, or ep_size > 1 with neither `ep_group` nor an
-            initialised process group.
+            `moe_config`, non-fused expert weights, an activation other than SiLU, router jitter, or
+            ep_size > 1 with neither `ep_group` nor an initialised process group.
     """
     blocks = _find_blocks(model)
     if not blocks:
@@ -313,6 +319,8 @@ def replace_moe_blocks(model: nn.Module, moe_config: MoEConfig | None = None, *,
     if moe_config.ep_size > 1 and ep_group is None and not (dist.is_available() and dist.is_initialized()):
         raise ConfigError(f"moe.ep_size={moe_config.ep_size}: each rank loads only its home experts, so the EP rank "
                           "must be known; initialise torch.distributed (or pass ep_group) before replace_moe_blocks")
+    if hf_config is not None:
+        _check_hf_settings(hf_config, blocks[0][2])
     router_logits = bool(getattr(hf_config, "output_router_logits", False))
     # Check every block before swapping any, so a bad config leaves the model untouched.
     shapes = [_check_block(name, block, moe_config, _FAMILIES[model_type]) for name, block, model_type in blocks]

@@ -271,6 +271,14 @@ def test_replace_moe_blocks_rejects_configs_that_do_not_fit_the_weights() -> Non
     qwen3 = _hf_model("qwen3_moe")
     with pytest.raises(ConfigError, match=r"moe\.num_shared_experts=1: .*Qwen3MoeSparseMoeBlock\) has no shared"):
         replace_moe_blocks(qwen3, moe_config_from_hf(qwen3.config).model_copy(update={"num_shared_experts": 1}))
+    qwen2 = _hf_model("qwen2_moe")
+    with pytest.raises(ConfigError, match=r"Qwen2MoeSparseMoeBlock\) has one gated shared expert"):
+        replace_moe_blocks(qwen2, moe_config_from_hf(qwen2.config, num_shared_experts=0).model_copy(
+            update={"num_shared_experts": 1}))
+    jittery = _hf_model("mixtral")
+    jittery.config.router_jitter_noise = 0.01
+    with pytest.raises(ConfigError, match=r"mixtral\.router_jitter_noise=0\.01"):
+        replace_moe_blocks(jittery, moe_config_from_hf(_hf_config("mixtral")))
     assert any(type(m).__name__ == "DeepseekV3MoE" for m in hf.modules())  # nothing swapped on error
 
 
