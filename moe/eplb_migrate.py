@@ -40,7 +40,6 @@ def choose_per_layer(
     num_layers, num_slots = current_LS.shape
     num_experts = load_LE.shape[1]
     groups = num_nodes if hierarchical else 1
-    relabelled_LS = relabel(fresh_LS, current_LS, num_gpus=num_gpus, num_nodes=groups)
     count_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
     count_LE.scatter_add_(1, current_LS, torch.ones_like(current_LS))
     budget_L = None if max_moves is None else torch.full((num_layers,), max_moves, dtype=torch.int64)
@@ -57,12 +56,23 @@ def choose_per_layer(
         domain_P=domain_G,
         max_iters=num_slots if max_moves is None else max_moves,
     )
-    cands_CLS = torch.stack([current_LS, sticky_LS, relabelled_LS])
+    cands_CLS = torch.stack([current_LS, sticky_LS, fresh_LS])
     bal_CL = torch.stack([_balancedness(c, load_LE, num_gpus) for c in cands_CLS])
-    copies_CL = (cands_CLS != current_LS).sum(-1)
-    score_CL = bal_CL - copy_cost * copies_CL / num_slots
+    copies_CL = (cands_CLS[:2] != current_LS).sum(-1)
+    score_CL = bal_CL[:2] - copy_cost * copies_CL / num_slots
+    # The fresh plan is relabelled only where it could win even with no copy at all.
+    maybe_L = (bal_CL[2] > score_CL.max(0).values) & (bal_CL[2] - bal_CL[0] >= min_gain)
+    fresh_score_L = torch.full((num_layers,), -float("inf"), dtype=torch.float64)
+    if bool(maybe_L.any()):
+        layers = torch.nonzero(maybe_L).squeeze(1)
+        cands_CLS[2, layers] = relabel(fresh_LS[layers], current_LS[layers], num_gpus=num_gpus, num_nodes=groups)
+        copies_L = (cands_CLS[2, layers] != current_LS[layers]).sum(-1)
+        fresh_score_L[layers] = bal_CL[2, layers] - copy_cost * copies_L / num_slots
+        if max_moves is not None:
+            fresh_score_L[layers] = torch.where(copies_L <= max_moves, fresh_score_L[layers], -float("inf"))
     if max_moves is not None:
-        score_CL = torch.where(copies_CL <= max_moves, score_CL, -float("inf"))
+        score_CL[1] = torch.where(copies_CL[1] <= max_moves, score_CL[1], -float("inf"))
+    score_CL = torch.cat([score_CL, fresh_score_L.unsqueeze(0)])
     best_L = score_CL.argmax(0)  # first on ties: deployed, then sticky, then fresh
     best_L = torch.where(bal_CL[best_L, torch.arange(num_layers)] - bal_CL[0] < min_gain, 0, best_L)
     return cands_CLS[best_L, torch.arange(num_layers)]

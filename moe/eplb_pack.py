@@ -187,8 +187,7 @@ def local_search(
     num_rows, num_slots = slot_expert_RS.shape
     num_experts = load_RE.shape[1]
     cap = max(cap, -(-num_slots // num_experts))
-    ctx = _Context.build(num_rows, num_packs, num_slots, num_experts, cap, domain_P, copy_penalty,
-                         sticky=current_RS is not None)
+    ctx = _Context.build(num_rows, num_packs, num_slots, num_experts, cap, domain_P, copy_penalty)
     out_slot, out_count = slot_expert_RS.clone(), count_RE.clone()
     # Loads are scaled to <= 1 per row: the big candidate tensors are float32 (half the memory traffic).
     load_RE = load_RE.to(torch.float64)
@@ -255,30 +254,18 @@ class _Context:
     slot_of_Q: torch.Tensor
     diff: torch.Tensor  # [rows, p, Q] float32
     gain: torch.Tensor  # [rows, p, Q] float32
-    extra: torch.Tensor | None  # [rows, p, Q] float32 (sticky: copy deltas)
-    flag: torch.Tensor | None  # [rows, p, Q] bool
     rep_gain: torch.Tensor  # [rows, p, E] float32
     rep_tmp: torch.Tensor  # [rows, p, E] float32
-    rep_extra: torch.Tensor | None
-    rep_flag: torch.Tensor | None
 
     @staticmethod
     def build(num_rows: int, num_packs: int, num_slots: int, num_experts: int, cap: int,
-              domain_P: torch.Tensor | None, copy_penalty: float, *, sticky: bool) -> _Context:
+              domain_P: torch.Tensor | None, copy_penalty: float) -> _Context:
         per_pack = num_slots // num_packs
         slot_of_Q = (torch.arange(per_pack).unsqueeze(1) + torch.arange(num_packs) * per_pack).flatten()
-        big = (num_rows, per_pack, num_slots)
-        rep = (num_rows, per_pack, num_experts)
-        f32, boolean = torch.float32, torch.bool
+        big, rep = (num_rows, per_pack, num_slots), (num_rows, per_pack, num_experts)
         return _Context(
             num_packs, per_pack, num_experts, cap, domain_P, copy_penalty, torch.arange(num_slots) // per_pack,
-            slot_of_Q, torch.empty(big, dtype=f32), torch.empty(big, dtype=f32),
-            torch.empty(big, dtype=f32) if sticky else None,
-            torch.empty(big, dtype=boolean) if sticky else None,
-            torch.empty(rep, dtype=f32),
-            torch.empty(rep, dtype=f32),
-            torch.empty(rep, dtype=f32) if sticky else None,
-            torch.empty(rep, dtype=boolean) if sticky else None,
+            slot_of_Q, *(torch.empty(size, dtype=torch.float32) for size in (big, big, rep, rep)),
         )
 
 
@@ -310,9 +297,10 @@ class _Top:
     on_top_WE: torch.Tensor  # int8 replicas of every expert on the top pack
     hosts_WPp: torch.Tensor  # int8 replicas of each top-slot expert on every pack
     mean_W: torch.Tensor | None = None  # sticky mode only from here on
-    left_W: torch.Tensor | None = None  # changed slots still allowed
+    left_W: torch.Tensor | None = None  # changed slots still allowed (None: no budget)
     current_Wp: torch.Tensor | None = None  # deployed experts of the top slots
     moved_Wp: torch.Tensor | None = None  # 1.0 where a top slot already differs from the deployed one
+    cost_W: torch.Tensor | None = None  # copy penalty of one slot in load units (linearised, see _best_moves)
 
 
 def _find_top(w: _Work, ctx: _Context) -> _Top:
@@ -330,6 +318,7 @@ def _find_top(w: _Work, ctx: _Context) -> _Top:
         top.left_W = w.budget - (w.slot_expert != w.current).sum(-1) if w.budget is not None else None
         top.current_Wp = w.current.gather(1, slot_Wp)
         top.moved_Wp = (expert_Wp != top.current_Wp).to(torch.float32)
+        top.cost_W = ctx.copy_penalty * top_W**2 / top.mean_W.clamp(min=1e-300)
     return top
 
 
@@ -347,18 +336,24 @@ def _best_moves(w: _Work, ctx: _Context, *, with_replace: bool) -> _Move:
         replace_gain_W = swap_gain_W
         is_swap_W = torch.ones_like(swap_i_W, dtype=torch.bool)
     slot_i_W = top.slot_Wp[rows_W, torch.where(is_swap_W, swap_i_W, replace_i_W)]
+    slot_j_W = torch.where(is_swap_W, swap_j_W, slot_i_W)
+    expert_b_W = torch.where(is_swap_W, w.slot_expert[rows_W, swap_j_W], replace_b_W)
     # Taking only clear float64 gains (the candidate scores are float32) keeps the descent strict.
-    score_W = torch.where(is_swap_W, swap_score_W, replace_score_W)
     gain_W = torch.where(is_swap_W, swap_gain_W, replace_gain_W)
-    take_W = (gain_W > _TOL * top.top_W) & (score_W > 0)
-    return _Move(
-        take_W,
-        is_swap_W,
-        slot_i_W,
-        torch.where(is_swap_W, swap_j_W, slot_i_W),
-        torch.where(is_swap_W, w.slot_expert[rows_W, swap_j_W], replace_b_W),
-        top.pack_W,
-    )
+    take_W = gain_W > _TOL * top.top_W
+    if w.current is not None:  # the exact net score of the chosen move, and the budget
+        expert_a_W = w.slot_expert[rows_W, slot_i_W]
+        cur_i_W, cur_j_W = w.current[rows_W, slot_i_W], w.current[rows_W, slot_j_W]
+        new_j_W = torch.where(is_swap_W, expert_a_W, expert_b_W)
+        old_j_W = torch.where(is_swap_W, expert_b_W, expert_a_W)
+        changes_W = (expert_b_W != cur_i_W).long() - (expert_a_W != cur_i_W).long()
+        changes_W += torch.where(is_swap_W, (new_j_W != cur_j_W).long() - (old_j_W != cur_j_W).long(), 0)
+        mean_W, top_W = top.mean_W, top.top_W
+        net_W = mean_W / (top_W - gain_W).clamp(min=1e-300) - mean_W / top_W
+        take_W &= net_W - ctx.copy_penalty * changes_W.clamp(min=0) > 0
+        if top.left_W is not None:
+            take_W &= changes_W <= top.left_W
+    return _Move(take_W, is_swap_W, slot_i_W, slot_j_W, expert_b_W, top.pack_W)
 
 
 def _best_swap(w: _Work, ctx: _Context, top: _Top) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -376,14 +371,16 @@ def _best_swap(w: _Work, ctx: _Context, top: _Top) -> tuple[torch.Tensor, torch.
     torch.sub(top.load_Wp.float().unsqueeze(2), partner_WS[:, ctx.slot_of_Q].float().unsqueeze(1), out=diff)
     torch.sub(room_WP.float().repeat(1, per_pack).unsqueeze(1), diff, out=score)
     torch.minimum(diff, score, out=score)
-    if w.current is not None:
-        extra, flag = ctx.extra[:num_rows], ctx.flag[:num_rows]
-        torch.ne(w.slot_expert[:, ctx.slot_of_Q].unsqueeze(1), top.current_Wp.unsqueeze(2), out=flag)
-        extra.copy_(flag)
-        torch.ne(top.expert_Wp.unsqueeze(2), w.current[:, ctx.slot_of_Q].unsqueeze(1), out=flag)
-        extra.add_(flag).sub_(top.moved_Wp.unsqueeze(2))
-        extra.sub_((w.slot_expert != w.current).to(torch.float32)[:, ctx.slot_of_Q].unsqueeze(1))
-        _net_score_(score, extra, flag, top, ctx.copy_penalty)
+    if w.current is not None:  # minus the (linearised) copy cost of the 2 - moved_p - moved_j new copies
+        cost = top.cost_W.float()
+        moved_WQ = (w.slot_expert != w.current).to(torch.float32)[:, ctx.slot_of_Q]
+        score.add_((top.moved_Wp * cost.unsqueeze(1)).unsqueeze(2)).add_((moved_WQ * cost.unsqueeze(1)).unsqueeze(1))
+        score.sub_(2 * cost.view(-1, 1, 1))
+        if top.left_W is not None and bool((top.left_W < 2).any()):  # needs > left: blocked
+            need = ctx.diff[:num_rows]
+            torch.add(top.moved_Wp.unsqueeze(2), moved_WQ.unsqueeze(1), out=need)
+            need.neg_().add_((2 - top.left_W).float().view(-1, 1, 1)).clamp_(min=0)
+            score.sub_(need.mul_(_BIG))
     # Best partner per (top slot p, pack h); then block the pairs whose pack h already hosts expert a.
     by_pack = score.view(num_rows, per_pack, per_pack, num_packs).amax(2)
     by_pack.masked_fill_(top.hosts_WPp.transpose(1, 2) > 0, -_INF)
@@ -436,11 +433,11 @@ def _best_replace(w: _Work, ctx: _Context, top: _Top) -> tuple[torch.Tensor, tor
     torch.sub(top.top_W.float().view(-1, 1, 1), score, out=score)  # room left under the top by a's hosts
     torch.sub(drop_Wp.float().unsqueeze(2), new_share_WE.float().unsqueeze(1), out=tmp)
     torch.minimum(score, tmp, out=score)
-    if w.current is not None:
-        extra, flag = ctx.rep_extra[:num_rows], ctx.rep_flag[:num_rows]
-        torch.ne(torch.arange(ctx.num_experts).view(1, 1, -1), top.current_Wp.unsqueeze(2), out=flag)
-        extra.copy_(flag).sub_(top.moved_Wp.unsqueeze(2))
-        _net_score_(score, extra, flag, top, ctx.copy_penalty)
+    if w.current is not None:  # minus the (linearised) cost of 1 - moved_p new copies; no budget left: blocked
+        penalty_Wp = top.cost_W.float().unsqueeze(1) * (1 - top.moved_Wp)
+        if top.left_W is not None:
+            penalty_Wp += ((top.left_W < 1).unsqueeze(1) & (top.moved_Wp == 0)).float() * _BIG
+        score.sub_(penalty_Wp.unsqueeze(2))
     best_W = score.view(num_rows, -1).amax(-1)
     flat_W = score.view(num_rows, -1).argmax(-1)
     i_W, b_W = flat_W // ctx.num_experts, flat_W % ctx.num_experts
@@ -496,22 +493,6 @@ def _pair_round(w: _Work, ctx: _Context) -> bool:
                                 (light_WH[row, pair], b, -one), (light_WH[row, pair], a, one)):
         w.presence.index_put_((row, pack, expert), delta, accumulate=True)
     return True
-
-
-def _net_score_(gain: torch.Tensor, changes: torch.Tensor, flag: torch.Tensor, top: _Top, copy_penalty: float) -> None:
-    """In place: ``gain`` (drop of the top pack) becomes the balancedness gain minus ``copy_penalty`` per
-    newly changed slot (reverting one earns nothing, so no move pays for itself by undoing another);
-    moves needing more changed slots than ``top.left_W`` get -BIG. ``changes``/``flag`` are scratch."""
-    top_load = top.top_W.float().view(-1, 1, 1)
-    mean = top.mean_W.float().view(-1, 1, 1)
-    if top.left_W is not None:
-        torch.gt(changes, top.left_W.float().view(-1, 1, 1), out=flag)
-    gain.clamp_(min=top_load * _TOL - top_load, max=top_load * (1 - _TOL))
-    gain.neg_().add_(top_load).reciprocal_().mul_(mean).sub_(mean / top_load)
-    gain.sub_(changes.clamp_(min=0).mul_(copy_penalty))
-    if top.left_W is not None:
-        changes.copy_(flag)
-        gain.sub_(changes.mul_(_BIG))
 
 
 def _apply_move(w: _Work, move: _Move, per_pack: int) -> None:
