@@ -21,6 +21,7 @@ fp32/fp64) a loop of `torch.mm` over the groups with the same math.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -57,6 +58,12 @@ def _fast(*tensors: Tensor, op: str) -> bool:
 
 
 def _offsets(counts: Sequence[int], device: torch.device) -> Tensor:
+    return _cached_offsets(tuple(counts), device)
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_offsets(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    # One host->device copy per (micro-batch, layer): forward, dx and dW of both GEMMs share it.
     return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
 
 

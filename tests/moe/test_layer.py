@@ -193,3 +193,22 @@ def test_layer_ep2_with_and_without_replicas_and_dp_only_equal_reference() -> No
 def test_layer_ep4_and_ep2_dp2_with_replicas_equal_reference() -> None:
     cases = [({"ep": 4, "r": 0}, 0), ({"ep": 4, "r": 4}, 1), ({"ep": 2, "r": 2}, 2)]
     _check(run_ranks(_cases, world_size=4, args=(cases,), timeout_s=150))
+
+
+def test_layer_bf16_runs_close_to_fp32_and_accumulates_slot_grads_in_fp32() -> None:
+    cfg = moe_config(r=2)
+    ref = reference_layer(cfg)
+    lo = MoELayer(cfg, hidden_size=HIDDEN, ffn_hidden_size=FFN, dtype=torch.bfloat16)
+    hi = MoELayer(cfg, hidden_size=HIDDEN, ffn_hidden_size=FFN, dtype=torch.float32)
+    for layer in (lo, hi):
+        copy_weights(layer, ref)
+    lo.gate.e_score_correction_bias.zero_()
+    hi.gate.e_score_correction_bias.zero_()
+    x = torch.randn(16, HIDDEN) * 0.1
+    y_lo, y_hi = lo(x.bfloat16()), hi(x)
+    assert y_lo.dtype == torch.bfloat16
+    assert max_diff(y_lo, y_hi) < 0.05 * float(y_hi.detach().abs().max())
+    y_lo.float().sum().backward()
+    assert lo.experts._slot_grads[0].dtype == torch.float32
+    lo.reduce_slot_grads()
+    assert lo.experts.gate_up_proj.grad.dtype == torch.bfloat16
