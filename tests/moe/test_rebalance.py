@@ -4,8 +4,13 @@ one rank (while packing, unpacking, or a rank late to the vote) leaves the old p
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +26,8 @@ from torch import nn
 
 from tests.harness import run_ranks
 from tests.moe._common import FFN, HIDDEN, ep_groups, moe_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---- pure: which rank sends which slot to whom, and in which round ----------------------------------------
@@ -146,6 +153,18 @@ STEPS, INTERVAL, LR = 6, 2, 0.01
 _FAULT: dict[str, object] = {}
 
 
+class _Monitor:
+    """Stands in for DeepSpeed's MonitorMaster (`enabled`, `write_events`)."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float, int]] = []
+
+    def write_events(self, events: list[tuple[str, float, int]]) -> None:
+        self.events.extend(events)
+
+
 class _Net(nn.Module):
     """in-projection -> MoE layer -> MoE layer -> out-projection, fp32."""
 
@@ -217,7 +236,7 @@ def _scenario(rank: int, world: int, ep: int) -> dict[str, object]:
         opt = torch.optim.Adam(model.parameters(), lr=LR)
         stats = LoadStats(list(model.moe), window=4)
         rb = Rebalancer(list(model.moe), stats=stats, config=eplb, chunk_bytes=600, debug=True, name=name,
-                        timeout_s=20)
+                        timeout_s=20, monitor=_Monitor())
         runs[name] = (model, opt, stats, rb)
     losses: dict[str, list[float]] = {"rebalance": [], "never": []}
     reports = []
@@ -230,6 +249,7 @@ def _scenario(rank: int, world: int, ep: int) -> dict[str, object]:
                     reports.append(report)
     out["losses"] = losses
     out["status"] = [r.status for r in reports]
+    out["events"] = runs["rebalance"][3].monitor.events
     out["copies"] = [r.num_copies for r in reports]
     out["rounds"] = [r.num_rounds for r in reports]
     out["balancedness"] = [(r.balancedness_before, r.balancedness_after) for r in reports]
@@ -298,6 +318,12 @@ def _check_scenario(results: list[dict[str, object]]) -> None:
     assert not any(s.startswith("failed") for s in first["status"]), first["status"]
     assert sum(first["copies"]) > 0 and max(first["rounds"]) > 1, first
     assert any(first["placements_moved"])
+    events = {(name, step): value for name, value, step in first["events"]}
+    assert events[("Train/MoE/eplb/copies", INTERVAL)] == first["copies"][0] > 0
+    assert events[("Train/MoE/eplb/balancedness_after", INTERVAL)] > events[("Train/MoE/eplb/balancedness_before",
+                                                                                INTERVAL)]
+    assert events[("Train/MoE/eplb/stall_ms", INTERVAL)] > 0 and events[("Train/MoE/eplb/failures", INTERVAL)] == 0
+    assert all(r["events"] == [] for r in results[1:])  # rank 0 writes
     # Replicas hold bitwise copies and each token's expert outputs are summed in the same order, so the
     # fp32 losses are not just close but equal.
     assert first["losses"]["rebalance"] == first["losses"]["never"]
@@ -324,3 +350,19 @@ def test_rebalance_ep4_keeps_function_losses_and_survives_failures() -> None:
 @pytest.mark.dist
 def test_rebalance_ep2_dp2_keeps_function_losses_and_survives_failures() -> None:
     _check_scenario(run_ranks(_scenario, world_size=4, args=(2,), timeout_s=150))
+
+
+@pytest.mark.dist
+def test_bench_rebalance_tiny_cpu_runs_under_torchrun() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "bench" / "rebalance.py"), "--tiny", "--json", "--steps", "2", "--interval", "2"],
+                         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["ep"] == 2 and row["device"] == "cpu" and row["slots"] == 12 and row["zipf"] == 0.6
+    assert row["without"]["step_ms_median"] > 0 and row["with"]["step_ms_median"] > 0 and row["speedup"] > 0
+    assert row["rebalance"]["status"] in ("applied", "skipped: the plan keeps every slot")
+    assert row["rebalance"]["stall_s_ms"] >= row["rebalance"]["plan_s_ms"] > 0
+    assert len(row["with"]["rebalance_stall_ms"]) == 1  # --interval 2 over 2 timed steps
