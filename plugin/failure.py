@@ -102,10 +102,10 @@ class AbortSignal:
         except Exception:  # the store may be gone too; the deadline still ends the others' waits
             logger.exception("could not post the abort message to the store")
 
-    def message(self) -> str | None:
-        """The first failure posted, or None (checks the store at most every 20 ms)."""
+    def message(self, *, force: bool = False) -> str | None:
+        """The first failure posted, or None (checks the store at most every 20 ms unless `force`)."""
         now = time.monotonic()
-        if self.store is None or now < self._next_poll:
+        if self.store is None or (now < self._next_poll and not force):
             return None
         self._next_poll = now + _ABORT_POLL_S
         key = f"{self.prefix}/abort"
@@ -113,13 +113,13 @@ class AbortSignal:
             return None
         return self.store.get(key).decode()
 
-    def raise_if_aborted(self, context: str) -> None:
+    def raise_if_aborted(self, context: str, *, force: bool = False) -> None:
         """Raise `PeerAborted` if another rank posted a failure.
 
         Raises:
             PeerAborted: naming the failure and `context` (where this rank waited).
         """
-        message = self.message()
+        message = self.message(force=force)
         if message is not None:
             raise PeerAborted(f"{self.where}, {context}: stopped because {message}")
 
@@ -128,10 +128,19 @@ class AbortSignal:
 
         Raises:
             PeerAborted: another rank failed meanwhile.
-            CommTimeout: `timeout_s` passed; the message names `context` and `what`.
+            CommTimeout: `timeout_s` passed, or the transport failed (a dead peer); the message names
+                `context` and `what`.
         """
         start = time.monotonic()
-        if not poll_until(done, deadline=start + self.timeout_s, on_idle=lambda: self.raise_if_aborted(context)):
+        try:
+            finished = poll_until(done, deadline=start + self.timeout_s,
+                                  on_idle=lambda: self.raise_if_aborted(context))
+        except CommTimeout:
+            raise
+        except Exception as err:  # the transport failed (e.g. gloo: "Connection closed by peer")
+            self.raise_if_aborted(context, force=True)
+            raise CommTimeout(f"{self.where}, {context}: {what} failed: {type(err).__name__}: {err}") from err
+        if not finished:
             raise CommTimeout(f"{self.where}, {context}: waited {self.timeout_s:.0f} s for {what} "
                               f"(pipeline.timeout_s); the peer is dead, hung or runs another schedule")
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any
 
 import pytest
 import torch
 from deepspeed.pipe import LayerSpec
 from deepspeed.runtime import utils as ds_utils
-from torch import nn
-
 from dualmoe.errors import ConfigError
 from dualmoe.schedule import generate
 from dualmoe.stage import count_layer_params, partition_layers, plan_layout
+from torch import nn
+
 from tests.harness import run_ranks
 from tests.plugin.pipeline_models import BASE_SEED, Block, Embed, loss_fn, mlp_specs, tied_specs
 
@@ -39,7 +40,7 @@ def test_stage_partition_equals_deepspeed_partitioners() -> None:
              LayerSpec(Block)]
     bounds = partition_layers(mixed, 2, "type:block")
     assert [sum(isinstance(s, LayerSpec) and s.typename is Block for s in mixed[a:b])
-            for a, b in zip(bounds, bounds[1:])] == [2, 2]
+            for a, b in itertools.pairwise(bounds)] == [2, 2]
 
 
 @pytest.mark.parametrize(("specs", "parts", "method", "pattern"), [
@@ -74,10 +75,13 @@ def test_stage_layout_1f1b_ties_first_and_last_rank() -> None:
     assert layout.tied_owners("embed") == (0, 2) and layout.shared_rank_sets() == ((0, 2),)
 
 
-def _build(rank: int, world_size: int, kind: str) -> dict[str, Any]:
+def _build(rank: int, world_size: int, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+    return [_build_one(rank, kind) for kind in kinds]
+
+
+def _build_one(rank: int, kind: str) -> dict[str, Any]:
     import deepspeed
     from deepspeed.pipe import PipelineModule
-
     from dualmoe.groups import build_groups
     from dualmoe.stage import PipelineStages
 
@@ -101,7 +105,7 @@ def _build(rank: int, world_size: int, kind: str) -> dict[str, Any]:
 
 @pytest.mark.dist
 def test_stage_build_places_copies_ties_and_names_like_pipeline_module() -> None:
-    v0, v1 = run_ranks(_build, 2, args=("dualpipev",), timeout_s=120)
+    (v0, d0), (v1, d1) = run_ranks(_build, 2, args=(("dualpipev", "dualpipe"),), timeout_s=120)
     # DeepSpeed's uniform cut of 6 layers into 4 parts: (0, 2, 4, 5, 6).
     assert v0["stages"] == {0: (0, 1), 3: (5,)} and v1["stages"] == {1: (2, 3), 2: (4,)}
     # Names as in PipelineModule: layer index first; the tied embedding and head share one module on rank 0.
@@ -109,7 +113,6 @@ def test_stage_build_places_copies_ties_and_names_like_pipeline_module() -> None
                            "1.pos", "tied_modules.embed.weight"]
     assert v0["embeds"] == 1 and v1["embeds"] == 0
     assert v0["replicated"] == v1["replicated"] == [] and v0["source_left"] == 0 and v0["loss_fn"]
-    d0, d1 = run_ranks(_build, 2, args=("dualpipe",), timeout_s=120)
     # Rank 0 holds part 0 (copy 0) and part 1 (copy 1); rank 1 the mirror: same layers, same weights.
     assert d0["stages"] == {0: (0, 1, 2), 3: (3, 4, 5)} and d1["stages"] == {1: (3, 4, 5), 2: (0, 1, 2)}
     assert d0["names"] == d1["names"]
