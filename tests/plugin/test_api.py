@@ -74,8 +74,8 @@ def _entry_points(rank: int, world_size: int, json_path: str) -> dict[str, Any]:
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.5)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    engine, opt, _, sched = dualmoe.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=_config(schedule="dualpipe"))
+    engine, *_ = dualmoe.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                    config=_config(schedule="dualpipe"))
     names = {id(p): n for n, p in engine.module.named_parameters()}
     params = [p for g in engine.basic_optimizer.param_groups for p in g["params"]]
     out["optimizer"] = (type(engine.basic_optimizer).__name__, sorted(names[id(p)] for p in params),
