@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="balancedness one copy must buy (default 1e-4; 0 takes every improving move)")
     parser.add_argument("--png", type=Path, metavar="OUT.png", help="write the per-GPU load heatmap before/after")
     parser.add_argument("--out", type=Path, metavar="FILE", help="write the load and the NEW placement (--current)")
+    parser.add_argument("--threads", type=_positive_int, default=1, metavar="T",
+                        help="torch CPU threads for planning (default 1: small tensors, threads only add overhead)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -178,10 +180,12 @@ def plot_heatmap(before_LG: Any, after_LG: Any, path: Path, *, titles: tuple[str
 
 def run(args: argparse.Namespace) -> int:
     """Plan, print the table (or JSON), write the heatmap and the new placement if asked."""
+    import torch
     from dualmoe.errors import PlacementError
     from dualmoe.moe.checkpoint import read_load_stats, save_load_stats
     from dualmoe.moe.eplb import gpu_load, plan_placement
 
+    torch.set_num_threads(args.threads)
     stats = read_load_stats(args.stats)
     load = stats["load"]
     if args.slots % args.gpus:
