@@ -287,12 +287,14 @@ def _scenario(rank: int, world: int, ep: int) -> dict[str, object]:
     for index, layer in enumerate(model.moe):  # make an expert with a single replica the hot one
         load[index, layer.placement.replica_count.index(1)] = 100.0
     for fault in ({"phase": "pack", "rank": 1}, {"phase": "unpack", "rank": world - 1},
-                  {"phase": "agree", "rank": 0, "sleep": 1.5}):
+                  {"phase": "agree", "rank": 0, "sleep": 1.5}, {"phase": "plan", "rank": 1}):
         _FAULT.clear()
         _FAULT.update(fault)
         rb.fault_hook, rb.agree_timeout_s = _fault, 0.5
         snapshot = _state(model)
-        report = rb.apply(rb.plan(load), load_LE=load)
+        # "plan": rank 1 plans from other statistics; the debug digest check must stop every rank.
+        plan_load = torch.ones_like(load) if fault["phase"] == "plan" and rank == fault["rank"] else load
+        report = rb.apply(rb.plan(plan_load), load_LE=load)
         unchanged = all(torch.equal(a, b) for a, b in zip(snapshot, _state(model)))
         failures.append((report.applied, report.status, unchanged, report.num_copies))
     _FAULT.clear()
@@ -332,12 +334,14 @@ def _check_scenario(results: list[dict[str, object]]) -> None:
         assert applied and copies > 0 and all(result["forced_maps_changed"]), result["forced"]
         assert result["output_bitwise"], result["output_diff"]
         assert result["homes_equal"] and result["opt_state_equal"]
-        for applied, status, unchanged, copies in result["failures"]:
-            assert not applied and status.startswith("failed: abort") and unchanged and copies > 0, status
+        for applied, status, unchanged, _ in result["failures"]:
+            assert not applied and status.startswith("failed: abort") and unchanged, status
         assert "injected fault in pack" in result["failures"][0][1]
         assert "injected fault in unpack" in result["failures"][1][1]
         assert "ranks were ready" in result["failures"][2][1]
-        assert result["num_failed"] == 3
+        assert "plan digests differ across ranks" in result["failures"][3][1]
+        assert all(f[3] > 0 for f in result["failures"][:3])  # they failed with copies under way
+        assert result["num_failed"] == 4
         assert all(ours == never for ours, never in result["after_failure"]), result["after_failure"]
         assert result["recovered"][0] and result["recovered"][1] > 0
 
