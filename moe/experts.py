@@ -183,6 +183,7 @@ class SlotExperts(nn.Module):
         """SwiGLU of each row with its slot's expert; rows come grouped by local slot."""
         counts = tuple(int(n) for n in tokens_per_local_slot)
         anchor = self._grad_anchor(x_MH.device)
+        x_MH = x_MH.to(self.slot_gate_up.dtype)
         with record_function("dualmoe/moe/experts"):
             h_M2I = _GroupedLinear.apply(x_MH, self.slot_gate_up, anchor, counts, self, 0)
             gate, up = h_M2I.chunk(2, dim=-1)
@@ -221,6 +222,17 @@ class SlotExperts(nn.Module):
         return grad
 
     # ---- homes <-> slots -------------------------------------------------------------------------
+    def slots_match_homes(self) -> bool:
+        """Slot buffers have the homes' dtype and device (not so after e.g. DeepSpeed casts parameters only)."""
+        return all(s.dtype == h.dtype and s.device == h.device
+                   for s, h in ((self.slot_gate_up, self.gate_up_proj), (self.slot_down, self.down_proj)))
+
+    def match_homes(self) -> None:
+        """Reallocate the slot buffers (zeros) with the homes' dtype and device; a full refresh must follow."""
+        for name, home in (("slot_gate_up", self.gate_up_proj), ("slot_down", self.down_proj)):
+            slot = getattr(self, name)
+            setattr(self, name, torch.zeros(slot.shape, dtype=home.dtype, device=home.device))
+
     @torch.no_grad()
     def refresh_slots(self, exchange: SlotExchange, group: dist.ProcessGroup | None) -> None:
         """Copy home weights into the slots named by `exchange` (collective over `group`)."""

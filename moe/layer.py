@@ -277,6 +277,9 @@ class MoELayer(nn.Module):
     def refresh_slots(self, *, slots: tuple[int, ...] | None = None) -> None:
         """Copy home weights into slot buffers (all, or only global `slots`); collective over EP."""
         self._check_groups()
+        if not self.experts.slots_match_homes():
+            self.experts.match_homes()
+            slots = None  # fresh buffers: every slot needs its weights
         exchange = self._exchange if slots is None else slot_exchange(self.placement, self.ep_rank, slots=slots)
         self.experts.refresh_slots(exchange, self._exchange_group())
         if slots is None:
@@ -341,7 +344,7 @@ class MoELayer(nn.Module):
 
     def _before_forward(self) -> None:
         self._check_groups()
-        if self._slots_stale:
+        if self._slots_stale or not self.experts.slots_match_homes():
             self.refresh_slots()
         elif self.training and self._versions() != self._home_versions:
             warn_once(logger, "MoE home expert weights changed since the slots were last refreshed; call "
