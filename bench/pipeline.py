@@ -1,0 +1,230 @@
+"""Pipeline step time and memory: dualmoe's schedules vs DeepSpeed's PipelineEngine (1F1B) and DualPipeVEngine.
+
+    torchrun --nproc-per-node 4 bench/pipeline.py --json out.json          # P = 4, m = 8 and 16
+    torchrun --nproc-per-node 2 bench/pipeline.py --json out.json          # P = 2
+    torchrun --nproc-per-node 2 bench/pipeline.py --tiny                   # CPU/gloo smoke run
+
+Model: `--layers` (16) residual MLP blocks `x + W2 gelu(W1 x)`, hidden `--hidden` (2048), FFN 4x, one micro-batch
+`--micro-batch-size` (2) x `--seq` (2048) tokens, bf16 with DeepSpeed's BF16_Optimizer (ZeRO-0) and torch Adam, MSE
+loss. Every contender gets the same stock `PipelineModule` layer list (DeepSpeed's DualPipeVEngine its
+`DualPipeVModule`), the same data and `gradient_accumulation_steps = m`; the pipeline spans all ranks (DP = 1).
+
+Contenders (`--contenders`): ds-1f1b (DeepSpeed PipelineEngine), ds-dualpipev (DeepSpeed 0.19.8 DualPipeVEngine),
+and dualmoe's dualpipev, dualpipe, zbv, zb1p, 1f1b (`pipeline.schedule`). Per contender and m: `--warmup` untimed
+steps, then `--steps` timed `train_batch` calls, each started after a barrier and ended by a device sync; the step
+time is the slowest rank's. Memory per rank: peak allocated during the timed steps, and the activation peak =
+peak minus what was allocated when the step began (parameters, grads, optimizer state).
+Rank 0 prints a table (speed-up vs ds-1f1b at the same m) and writes `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+OURS = ("dualpipev", "dualpipe", "zbv", "zb1p", "1f1b")
+DEFAULT_CONTENDERS = "ds-1f1b,ds-dualpipev,dualpipev,dualpipe,zbv"
+
+
+class MLPBlock(nn.Module):
+    """x + W2 gelu(W1 x): the benchmark's layer."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, 4 * hidden)
+        self.fc2 = nn.Linear(4 * hidden, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(nn.functional.gelu(self.fc1(x)))
+
+
+def mse(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in fp32."""
+    return (outputs.float() - labels.float()).pow(2).mean()
+
+
+@dataclass
+class Result:
+    """One contender at one m."""
+
+    contender: str
+    pipe: int
+    micro_batches: int
+    median_ms: float | None = None
+    mean_ms: float | None = None
+    step_ms: list[float] = field(default_factory=list)
+    peak_mb: list[float] = field(default_factory=list)
+    activation_peak_mb: list[float] = field(default_factory=list)
+    loss: float | None = None
+    error: str | None = None
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="CPU/gloo smoke run: tiny shapes, fp32, few steps")
+    p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
+                   help=f"comma list of ds-1f1b, ds-dualpipev, {', '.join(OURS)}")
+    p.add_argument("--micro-batches", default="8,16", help="comma list of m (gradient_accumulation_steps)")
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--trace-dir", default=None, help="write dualmoe engines' per-rank traces of one timed step")
+    p.add_argument("--json", default=None, help="write the results to this file (rank 0)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.layers, args.hidden, args.seq, args.micro_batch_size = 8, 16, 8, 2
+        args.warmup, args.steps = 1, 3
+    return args
+
+
+def _setup(tiny: bool) -> torch.device:
+    import deepspeed
+
+    if torch.cuda.is_available() and not tiny:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend="nccl")
+        return torch.device("cuda", local_rank)
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    return torch.device("cpu")
+
+
+def _config(args: argparse.Namespace, m: int, schedule: str | None) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": args.micro_batch_size, "gradient_accumulation_steps": m,
+        "steps_per_print": 10**9, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
+        "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}},
+        "pipeline": {"partition_method": "uniform"} if schedule else {}}
+    if not args.tiny:
+        cfg["bf16"] = {"enabled": True}
+    if schedule:
+        cfg["pipeline"]["schedule"] = schedule
+        if args.trace_dir:
+            cfg["pipeline"]["trace"] = {"enabled": True, "steps": [args.warmup + 1],
+                                        "output_dir": os.path.join(args.trace_dir, f"{schedule}_m{m}")}
+    return cfg
+
+
+def _engine(args: argparse.Namespace, contender: str, m: int) -> Any:
+    import deepspeed
+    import dualmoe
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    pipe = dist.get_world_size()
+    specs = [LayerSpec(MLPBlock, args.hidden) for _ in range(args.layers)]
+    common = {"loss_fn": mse, "partition_method": "uniform", "seed_layers": True}
+    if contender == "ds-dualpipev":
+        from deepspeed.runtime.pipe.dualpipev import DualPipeVModule
+
+        model = DualPipeVModule(specs, num_stages=pipe, **common)
+        return deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_config(args, m, None))[0]
+    model = PipelineModule(specs, num_stages=pipe, **common)
+    schedule = None if contender == "ds-1f1b" else contender
+    return dualmoe.initialize(model=model, model_parameters=model.parameters(), config=_config(args, m, schedule))[0]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure(args: argparse.Namespace, contender: str, m: int, device: torch.device) -> Result:
+    pipe = dist.get_world_size()
+    result = Result(contender=contender, pipe=pipe, micro_batches=m)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    batch = [(torch.randn(args.micro_batch_size, args.seq, args.hidden, generator=gen).to(device, dtype),
+              torch.randn(args.micro_batch_size, args.seq, args.hidden, generator=gen).to(device, dtype))
+             for _ in range(m)]
+    engine = _engine(args, contender, m)
+    for _ in range(args.warmup):
+        engine.train_batch(iter(batch))
+    times, peaks, activations = [], [], []
+    for _ in range(args.steps):
+        dist.barrier()
+        _sync(device)
+        start_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        loss = engine.train_batch(iter(batch))
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        slowest = torch.tensor([elapsed], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        times.append(float(slowest) * 1e3)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+            peaks.append(peak / 2**20)
+            activations.append((peak - start_alloc) / 2**20)
+    result.step_ms, result.loss = times, float(loss)
+    result.median_ms, result.mean_ms = statistics.median(times), statistics.fmean(times)
+    gathered: list[Any] = [None] * pipe
+    dist.all_gather_object(gathered, (max(peaks, default=0.0), max(activations, default=0.0)))
+    result.peak_mb = [round(p, 1) for p, _ in gathered]
+    result.activation_peak_mb = [round(a, 1) for _, a in gathered]
+    del engine, batch
+    return result
+
+
+def _table(results: list[Result]) -> str:
+    base = {r.micro_batches: r.median_ms for r in results if r.contender == "ds-1f1b" and r.median_ms}
+    lines = [f"{'contender':<14}{'P':>3}{'m':>4}{'median ms':>11}{'vs ds-1f1b':>11}  {'peak MB/rank':<28}"
+             f"{'act. peak MB/rank':<28}"]
+    for r in results:
+        if r.error:
+            lines.append(f"{r.contender:<14}{r.pipe:>3}{r.micro_batches:>4}  FAILED: {r.error.splitlines()[-1][:80]}")
+            continue
+        speedup = f"{base[r.micro_batches] / r.median_ms:.3f}x" if r.micro_batches in base else "-"
+        lines.append(f"{r.contender:<14}{r.pipe:>3}{r.micro_batches:>4}{r.median_ms:>11.2f}{speedup:>11}  "
+                     f"{','.join(f'{p:.0f}' for p in r.peak_mb):<28}"
+                     f"{','.join(f'{a:.0f}' for a in r.activation_peak_mb):<28}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every contender at every m; rank 0 prints the table and writes the JSON."""
+    args = _args(argv)
+    device = _setup(args.tiny)
+    results = []
+    for m in (int(x) for x in args.micro_batches.split(",")):
+        for contender in args.contenders.split(","):
+            try:
+                results.append(_measure(args, contender, m, device))
+            except Exception:  # a contender that cannot run this layout (e.g. m < 2P) is reported, not fatal
+                results.append(Result(contender=contender, pipe=dist.get_world_size(), micro_batches=m,
+                                      error=traceback.format_exc()))
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    if dist.get_rank() == 0:
+        sys.stdout.write(_table(results) + "\n")
+        if args.json:
+            meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "world_size": dist.get_world_size(), "torch": torch.__version__,
+                    "deepspeed": __import__("deepspeed").__version__, "args": vars(args)}
+            with open(args.json, "w") as f:
+                json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
