@@ -98,6 +98,7 @@ class DualPipeEngine(StepMixin, CheckpointMixin, PipelineEngine):
                                   num_ranks=groups.pp_size * groups.dp_size, timeout_s=cfg.timeout_s, where=where,
                                   leader=groups.pp_rank == 0 and groups.dp_rank == 0)
         self._comm = PipeComm(groups, device=self.device, abort=self._abort)
+        self._comm.warm_up()
         self._registered_overlap: OverlapFn | None = None
         self._overlaps: dict[tuple[int, int], OverlapFn] = {}
         self._program: RankProgram | None = None

@@ -6,9 +6,11 @@ stage's data-parallel group; `global_rank` is the torch.distributed rank. Conver
 
 Besides DeepSpeed's pipe and data groups, a schedule needs:
 
-- `up` / `down`: payload groups for messages to a higher / lower pipeline rank. Each direction gets its own
-  communicator, so a send queued towards a peer never waits behind a receive from that peer (NCCL runs the
-  p2p of one communicator pair on one stream);
+- `payload`: four groups over the pipeline's ranks for p2p payloads, one per (direction, parity of the
+  sending rank): "up" messages go to a higher pipeline rank, "down" ones to a lower rank. NCCL runs the p2p
+  of one communicator on one stream in order, so in each of these groups a rank only sends or only receives:
+  a receive never queues behind a send that waits for a third rank (one group per direction alone would
+  put "send to r+1" and "receive from r-1" on one stream);
 - `meta`: a gloo group over the pipeline's ranks that carries p2p shape/dtype headers on the host, so a
   receiver reads shapes without a device sync and headers never queue behind payloads (NCCL matches p2p
   messages in order per peer and communicator);
@@ -39,8 +41,7 @@ class Groups:
         dp: the data-parallel group of this pipeline position.
         dp_rank: this rank's index in `dp`.
         dp_global_ranks: global ranks of `dp`, indexed by dp rank.
-        up: payload group for messages to a higher pp rank (same ranks as `pp`).
-        down: payload group for messages to a lower pp rank.
+        payload: payload groups (same ranks as `pp`) indexed by `2 * upward + sender pp rank % 2`.
         meta: gloo group over `pp_global_ranks` for p2p headers.
         shared: (pp ranks, group) for every set of pipeline ranks holding copies of the same parameters
             that contains this rank, ordered by the pp-rank tuple.
@@ -53,8 +54,7 @@ class Groups:
     dp: Any
     dp_rank: int
     dp_global_ranks: tuple[int, ...]
-    up: Any
-    down: Any
+    payload: tuple[Any, Any, Any, Any]
     meta: Any
     shared: tuple[tuple[tuple[int, ...], Any], ...] = ()
 
@@ -71,6 +71,10 @@ class Groups:
     def to_global(self, pp_rank: int) -> int:
         """Global rank of pipeline position `pp_rank` in this rank's pipeline."""
         return self.pp_global_ranks[pp_rank]
+
+    def payload_group(self, src: int, dst: int) -> Any:
+        """The payload group of messages from pp rank `src` to pp rank `dst`."""
+        return self.payload[2 * int(dst > src) + src % 2]
 
     def shared_group(self, pp_ranks: tuple[int, ...]) -> Any:
         """The group summing grads over `pp_ranks` (which must include this rank).
@@ -104,8 +108,8 @@ def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = ()) 
     # new_group is collective over the world: every rank creates every group in the same order.
     mine: dict[str, Any] = {}
     for pipe in pipes:
-        for name, backend in (("up", None), ("down", None), ("meta", "gloo")):
-            group = dist.new_group(ranks=list(pipe), backend=backend)
+        for name in ("payload0", "payload1", "payload2", "payload3", "meta"):
+            group = dist.new_group(ranks=list(pipe), backend="gloo" if name == "meta" else None)
             if pipe == my_pipe:
                 mine[name] = group
 
@@ -119,5 +123,6 @@ def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = ()) 
 
     return Groups(global_rank=global_rank, pp=grid.get_pipe_parallel_group(), pp_rank=pp_rank,
                   pp_global_ranks=my_pipe, dp=grid.get_data_parallel_group(), dp_rank=dp_ranks.index(global_rank),
-                  dp_global_ranks=dp_ranks, up=mine["up"], down=mine["down"], meta=mine["meta"],
+                  dp_global_ranks=dp_ranks, payload=tuple(mine[f"payload{i}"] for i in range(4)),  # type: ignore[arg-type]
+                  meta=mine["meta"],
                   shared=tuple(shared))

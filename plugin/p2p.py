@@ -1,23 +1,25 @@
 """Batched non-blocking p2p between pipeline ranks, with shapes and dtypes negotiated per message.
 
 Every transfer (a stage's forward outputs, or its input grads) is one *message*: a fixed-size int64
-header on the host (`Groups.meta`, gloo) followed by the payload tensors on the engine's device (`Groups.up`
-for a higher pipeline rank, `Groups.down` for a lower one). The header carries the message's identity
-(direction, producing stage, micro-batch) and, per tensor, dtype, shape and requires_grad (or "none", for a
-grad that does not exist), so any number of tensors of any dtype (bool masks, int64 position ids) pass,
-and shapes may change from one micro-batch to the next.
+header on the host (`Groups.meta`, gloo) followed by the payload tensors on the engine's device (in one of
+`Groups.payload`, by direction and sender, so a receive never queues behind a send on one NCCL stream).
+The header carries the message's identity (direction, producing stage, micro-batch) and, per tensor,
+dtype, shape and requires_grad (or "none", for a grad that does not exist), so any number of tensors of
+any dtype (bool masks, int64 position ids) pass, and shapes may change from one micro-batch to the next.
 
     sender (SEND action)                      receiver
     isend header  --------- meta (gloo) -->  irecv header    posted at the RECV action, ahead of use
-    isend payload --------- up/down ------>  irecv payload   posted once the header arrived (`progress`)
+    isend payload ------- payload group --->  irecv payload  posted once the header arrived (`progress`)
     (completed off the critical path:                        waited only by the compute that consumes it
      reaped by `progress`, waited at `finish`)
 
 Payload ops queue until `flush`, which launches them with one `batch_isend_irecv` per group (the engine
-flushes before each compute). NCCL and gloo match messages between two ranks in posting order, which is
-why the engine posts RECVs in the lowered schedule's order; headers make a mismatch an error, not
-silent corruption. Waits on the host (headers; payloads on CPU) poll with the engine's deadline and abort
-flag (`AbortSignal.wait`); on CUDA a payload wait is a stream dependency, not a host sync.
+flushes after each action); on gloo they start at once. NCCL needs every rank of a group in its first
+batched p2p, so the engine warms each payload group up with a collective first (`PipeComm.warm_up`).
+NCCL and gloo match messages between two ranks in posting order, which is why the engine posts RECVs in
+the lowered schedule's order; headers make a mismatch an error, not silent corruption. Waits on the host
+(headers; payloads on CPU) poll with the engine's deadline and abort flag (`AbortSignal.wait`); on CUDA a
+payload wait is a stream dependency, not a host sync.
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ class PipeComm:
     """Non-blocking messages between this rank and its pipeline peers.
 
     Args:
-        groups: the engine's groups (`pp_global_ranks`, `up`, `down`, `meta`).
+        groups: the engine's groups (`pp_global_ranks`, `payload`, `meta`).
         device: where payload tensors live (the engine's device).
         abort: deadline and abort flag for every host wait.
     """
@@ -181,11 +183,16 @@ class PipeComm:
         self.device = torch.device(device)
         self.abort = abort
         # gloo reports a work done only after wait(): such works are waited by per-peer threads.
-        self._gloo_payload = dist.get_backend(groups.up) == "gloo"
+        self._gloo_payload = dist.get_backend(groups.payload[0]) == "gloo"
         self._waiters: dict[tuple[int, str], _FifoWaiter] = {}
         self._queued: dict[int, tuple[Any, list[Any], list[_Recv | _Send]]] = {}  # id(group) -> ops, owners
         self._recvs: dict[MessageKey, _Recv] = {}
         self._sends: list[_Send] = []
+
+    def warm_up(self) -> None:
+        """One collective per payload group, so NCCL creates each communicator with all ranks present."""
+        for group in self.groups.payload:
+            dist.all_reduce(torch.zeros(1, device=self.device), group=group)
 
     def _watch(self, peer: int, kind: str, work: Any) -> _Done:
         waiter = self._waiters.get((peer, kind))
@@ -194,9 +201,8 @@ class PipeComm:
         return waiter.watch(work)
 
     def _payload_op(self, peer: int, recv: bool, tensor: Tensor, owner: _Recv | _Send) -> None:
-        # A message travels "up" from a lower to a higher pipeline rank; both ends must pick its group.
-        upward = (peer < self.groups.pp_rank) if recv else (peer > self.groups.pp_rank)
-        group = self.groups.up if upward else self.groups.down
+        me = self.groups.pp_rank
+        group = self.groups.payload_group(peer, me) if recv else self.groups.payload_group(me, peer)
         op = dist.irecv if recv else dist.isend
         if self._gloo_payload:
             work = op(tensor, self.groups.to_global(peer), group=group)

@@ -23,9 +23,8 @@ VARIANTS = (
 
 def _run(rank: int, world_size: int, trace_dir: str) -> list[dict[str, Any]]:
     import deepspeed
-    from deepspeed.pipe import PipelineModule
-
     import dualmoe
+    from deepspeed.pipe import PipelineModule
     from dualmoe.overlap import backward_first_overlap
 
     deepspeed.init_distributed(dist_backend="gloo")

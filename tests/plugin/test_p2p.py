@@ -39,9 +39,10 @@ def _comm(rank: int, timeout_s: float) -> Any:
     from dualmoe.groups import Groups
     from dualmoe.p2p import PipeComm
 
-    up, down, meta = dist.new_group([0, 1]), dist.new_group([0, 1]), dist.new_group([0, 1], backend="gloo")
+    payload = tuple(dist.new_group([0, 1]) for _ in range(4))
     groups = Groups(global_rank=rank, pp=dist.group.WORLD, pp_rank=rank, pp_global_ranks=(0, 1),
-                    dp=dist.group.WORLD, dp_rank=0, dp_global_ranks=(rank,), up=up, down=down, meta=meta)
+                    dp=dist.group.WORLD, dp_rank=0, dp_global_ranks=(rank,), payload=payload,
+                    meta=dist.new_group([0, 1], backend="gloo"))
     abort = AbortSignal(default_store(), prefix="p2p-test", num_ranks=2, timeout_s=timeout_s, where=f"rank {rank}")
     return PipeComm(groups, device=torch.device("cpu"), abort=abort), abort
 
@@ -55,6 +56,7 @@ def _message(k: int) -> list[torch.Tensor | None]:
 
 def _exchange(rank: int, world_size: int) -> list[Any]:
     comm, _ = _comm(rank, 30)
+    comm.warm_up()
     peer, direction = 1 - rank, ("F", "B")[rank]
     incoming = ("B", "F")[rank]
     for k in range(3):  # receives posted ahead of any send, both ranks at once
