@@ -88,15 +88,19 @@ def loss_fn(outputs: Tensor, labels: Tensor) -> Tensor:
     return ((outputs.float() - labels.float()) ** 2).mean()
 
 
-def batches(kind: str, num: int, *, seed: int, dtype: torch.dtype = torch.float64, batch: int = 2,
-            seq: int = SEQ) -> list[tuple[Tensor, Tensor]]:
-    """`num` micro-batches: "mlp" (x [B, H], y [B, H]) or "tokens" (ids [B, S], next ids [B, S])."""
+def batches(kind: str, num: int, *, seed: int, dtype: torch.dtype = torch.float64, batch: int = 2
+            ) -> list[tuple[Tensor, Tensor]]:
+    """`num` micro-batches: "mlp" (x [B, H], y [B, H]) or "tokens" (ids [B, S], next ids [B, S]).
+
+    Token micro-batch i has sequence length 2 + i % 4, so shapes change from one micro-batch to the next.
+    """
     gen = torch.Generator().manual_seed(seed)
     if kind == "mlp":
         return [(torch.randn(batch, HIDDEN, generator=gen, dtype=dtype),
                  torch.randn(batch, HIDDEN, generator=gen, dtype=dtype)) for _ in range(num)]
-    return [(torch.randint(0, VOCAB, (batch, seq), generator=gen), torch.randint(0, VOCAB, (batch, seq), generator=gen))
-            for _ in range(num)]
+    shapes = [(batch, 2 + i % (SEQ - 1)) for i in range(num)]
+    return [(torch.randint(0, VOCAB, shape, generator=gen), torch.randint(0, VOCAB, shape, generator=gen))
+            for shape in shapes]
 
 
 class _Reference(nn.Module):

@@ -1,4 +1,7 @@
-"""A tied embedding/head with int position ids and a bool mask crossing every stage boundary."""
+"""A tied embedding/head with int position ids and a bool mask crossing every stage boundary.
+
+The token micro-batches have sequence lengths 2, 3, 4, 5, so every message changes shape.
+"""
 
 from __future__ import annotations
 
