@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from dualmoe.config import PipelineConfig, check_run, micro_batches_of, parse_pipeline_config
 from dualmoe.errors import ConfigError
 
@@ -91,3 +90,16 @@ def test_config_check_run_returns_micro_batches() -> None:
                      dp_size=1) == 8
     assert check_run(PipelineConfig(schedule="1f1b"), {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 1},
                      pipe_ranks=2, dp_size=2) == 8
+
+
+@pytest.mark.parametrize("name", ["pipeline_dualpipev", "pipeline_dualpipe", "pipeline_zbv_traced",
+                                  "pipeline_1f1b_cpu"])
+def test_config_example_files_parse_and_fit_their_layout(name: str) -> None:
+    import json
+    from pathlib import Path
+
+    ds = json.loads((Path(__file__).parents[2] / "configs" / f"{name}.json").read_text())
+    cfg = parse_pipeline_config(ds)
+    assert cfg is not None
+    assert check_run(cfg, ds, pipe_ranks=4 if cfg.schedule != "1f1b" else 2, dp_size=1) == \
+        ds["gradient_accumulation_steps"]
