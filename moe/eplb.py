@@ -252,28 +252,26 @@ def _plan_fresh(
     num_layers, num_experts = load_LE.shape
     experts_per_group = num_experts // num_groups
     group_load_LG = load_LE.view(num_layers, num_groups, experts_per_group).sum(-1)
-    node_of_group_LKG = _candidate_splits(group_load_LG, load_LE, num_slots=num_slots, num_nodes=num_nodes,
-                                          num_gpus=num_gpus)
-    num_cands = node_of_group_LKG.shape[1]
+    node_of_group_KG, layer_K = _candidate_splits(group_load_LG, load_LE, num_slots=num_slots,
+                                                  num_nodes=num_nodes, num_gpus=num_gpus)
+    num_cands = layer_K.shape[0]
     groups_per_node = num_groups // num_nodes
-    # Experts of every (layer, candidate, node): its groups in ascending order, experts in order.
-    group_order = torch.sort(node_of_group_LKG, dim=-1, stable=True).indices
-    group_LKNg = group_order.view(num_layers, num_cands, num_nodes, groups_per_node)
-    local_to_logical = (group_LKNg.unsqueeze(-1) * experts_per_group + torch.arange(experts_per_group)).flatten(-2)
-    num_rows = num_layers * num_cands * num_nodes
-    local_to_logical_RE = local_to_logical.reshape(num_rows, -1)
-    layer_R = torch.arange(num_layers).repeat_interleave(num_cands * num_nodes)
-    row_load_RE = load_LE[layer_R.unsqueeze(1), local_to_logical_RE]
-    slots_per_node = num_slots // num_nodes
-    gpus_per_node = num_gpus // num_nodes
-    slot_expert_RS, count_RE = _plan_domain(row_load_RE, num_slots=slots_per_node, num_packs=gpus_per_node)
-    # Pick, per layer, the candidate split whose max GPU load is lowest (the first on ties).
+    # Experts of every (candidate, node): its groups in ascending order, their experts in order.
+    group_KNg = torch.sort(node_of_group_KG, dim=-1, stable=True).indices.view(num_cands, num_nodes, groups_per_node)
+    local_to_logical = (group_KNg.unsqueeze(-1) * experts_per_group + torch.arange(experts_per_group)).flatten(-2)
+    local_to_logical_RE = local_to_logical.reshape(num_cands * num_nodes, -1)
+    row_load_RE = load_LE[layer_K.repeat_interleave(num_nodes).unsqueeze(1), local_to_logical_RE]
+    slot_expert_RS, count_RE = _plan_domain(row_load_RE, num_slots=num_slots // num_nodes,
+                                            num_packs=num_gpus // num_nodes)
+    # Per layer the candidate split with the lowest max GPU load: the greedy one (candidate l of layer l)
+    # unless the extra candidate of that layer is strictly better.
     share_RE = row_load_RE / count_RE
-    pack_load = share_RE.gather(1, slot_expert_RS).view(num_layers, num_cands, -1).view(
-        num_layers, num_cands, num_gpus, -1).sum(-1)
-    best_L = pack_load.max(-1).values.argmin(-1)
-    pick = (torch.arange(num_layers) * num_cands + best_L).unsqueeze(1) * num_nodes + torch.arange(num_nodes)
-    pick = pick.flatten()
+    top_K = share_RE.gather(1, slot_expert_RS).view(num_cands, num_gpus, -1).sum(-1).max(-1).values
+    best_L = torch.arange(num_layers)
+    extra_K = torch.arange(num_layers, num_cands)
+    better = top_K[extra_K] < top_K[layer_K[extra_K]]
+    best_L[layer_K[extra_K[better]]] = extra_K[better]
+    pick = (best_L.unsqueeze(1) * num_nodes + torch.arange(num_nodes)).flatten()
     logical_LS = local_to_logical_RE[pick].gather(1, slot_expert_RS[pick]).view(num_layers, num_slots)
     count_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
     count_LE.scatter_(1, local_to_logical_RE[pick].view(num_layers, -1), count_RE[pick].view(num_layers, -1))
@@ -282,17 +280,22 @@ def _plan_fresh(
 
 def _candidate_splits(
     group_load_LG: torch.Tensor, load_LE: torch.Tensor, *, num_slots: int, num_nodes: int, num_gpus: int
-) -> torch.Tensor:
-    """Node of every group for each candidate split [L, K, groups]: greedy LPT, and (when enumerable)
-    the split with the lowest lower bound max(node load / GPUs per node, best per-replica load)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate group->node splits: (node of every group [K, groups], layer of every candidate [K]).
+
+    Candidate l (< L) is the greedy LPT split of layer l; after them come, for the layers where it is a
+    different partition, the split with the lowest lower bound max(node load / GPUs per node, best
+    per-replica load of the node) among all splits (when they can be enumerated).
+    """
     num_layers, num_groups = group_load_LG.shape
+    layers_L = torch.arange(num_layers)
     if num_nodes == 1:
-        return torch.zeros(num_layers, 1, num_groups, dtype=torch.int64)
+        return torch.zeros(num_layers, num_groups, dtype=torch.int64), layers_L
     greedy_LG = pack_greedy(group_load_LG, torch.arange(num_groups).expand(num_layers, -1),
                             num_packs=num_nodes, num_experts=num_groups)
     splits_KG = group_partitions(num_groups, num_nodes)
     if splits_KG is None:
-        return greedy_LG.unsqueeze(1)
+        return greedy_LG, layers_L
     groups_per_node = num_groups // num_nodes
     gpus_per_node = num_gpus // num_nodes
     subsets = list(itertools.combinations(range(num_groups), groups_per_node))
@@ -310,9 +313,13 @@ def _candidate_splits(
         [[subset_index[tuple(torch.nonzero(row == n).squeeze(1).tolist())] for n in range(num_nodes)]
          for row in splits_KG]
     )  # [K, N]
-    score_LK = bound_LU[:, split_subsets].max(-1).values
-    best_L = score_LK.argmin(-1)
-    return torch.stack([greedy_LG, splits_KG[best_L]], 1)
+    bounded_LG = splits_KG[bound_LU[:, split_subsets].max(-1).values.argmin(-1)]
+    # Compare as partitions: label the greedy blocks in order of their smallest group, as the enumeration does.
+    first_LN = torch.full((num_layers, num_nodes), num_groups, dtype=torch.int64)
+    first_LN.scatter_reduce_(1, greedy_LG, torch.arange(num_groups).expand(num_layers, -1), reduce="amin")
+    canonical_LG = first_LN.argsort(-1).argsort(-1).gather(1, greedy_LG)
+    differ_L = (canonical_LG != bounded_LG).any(-1)
+    return torch.cat([greedy_LG, bounded_LG[differ_L]]), torch.cat([layers_L, layers_L[differ_L]])
 
 
 def _plan_domain(load_RE: torch.Tensor, *, num_slots: int, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,8 @@ from dualmoe.moe.eplb_pack import local_search
 __all__ = ["choose_per_layer", "relabel"]
 
 _EXACT_ASSIGN_MAX = 6  # enumerate all permutations up to this many nodes/GPUs (720)
+_EXCHANGE_ROUNDS = 8  # rounds of pairwise exchanges after the greedy assignment (one exchange per row each)
+_EXCHANGE_MAX = 64  # ... only for up to this many GPUs per node
 
 
 def choose_per_layer(
@@ -87,20 +89,23 @@ def relabel(new_LS: torch.Tensor, current_LS: torch.Tensor, *, num_gpus: int, nu
     gpus_per_node = num_gpus // num_nodes
     new_LGT = new_LS.view(num_layers, num_gpus, per_gpu)
     old_LGT = current_LS.view(num_layers, num_gpus, per_gpu)
-    new_pres = _presence(new_LGT, num_experts)
-    old_pres = _presence(old_LGT, num_experts)
     if num_nodes > 1:
-        new_node = new_pres.view(num_layers, num_nodes, gpus_per_node, -1).sum(2)
-        old_node = old_pres.view(num_layers, num_nodes, gpus_per_node, -1).sum(2)
+        new_node = _presence(new_LGT, num_experts).view(num_layers, num_nodes, gpus_per_node, -1).sum(2)
+        old_node = _presence(old_LGT, num_experts).view(num_layers, num_nodes, gpus_per_node, -1).sum(2)
         overlap = torch.minimum(new_node.unsqueeze(2), old_node.unsqueeze(1)).sum(-1)
         node_perm_LN = _assign(overlap)
         new_LGT = _permute_blocks(new_LGT.view(num_layers, num_nodes, gpus_per_node, per_gpu), node_perm_LN)
         new_LGT = new_LGT.view(num_layers, num_gpus, per_gpu)
-        new_pres = _presence(new_LGT, num_experts)
+    # GPU overlap [rows, new GPU, old GPU]: for every new slot, which old GPUs of the node hold its expert
+    # (a gather of T rows per new GPU instead of a product over all E experts).
     rows = num_layers * num_nodes
-    new_bin = new_pres.clamp(max=1).view(rows, gpus_per_node, -1)
-    old_bin = old_pres.clamp(max=1).view(rows, gpus_per_node, -1)
-    gpu_perm = _assign(torch.bmm(new_bin, old_bin.transpose(1, 2)))
+    old_holds = torch.zeros(rows, num_experts * gpus_per_node, dtype=torch.bool)
+    old_RGT = old_LGT.reshape(rows, gpus_per_node, per_gpu)
+    old_holds.scatter_(1, (old_RGT * gpus_per_node + torch.arange(gpus_per_node).view(1, -1, 1)).view(rows, -1), True)
+    new_RGT = new_LGT.reshape(rows, gpus_per_node, per_gpu)
+    holds_REG = old_holds.view(rows, num_experts, gpus_per_node)
+    overlap_RGG = holds_REG[torch.arange(rows).view(-1, 1, 1), new_RGT].sum(2, dtype=torch.float32)
+    gpu_perm = _assign(overlap_RGG)
     new_RAT = _permute_blocks(new_LGT.view(rows, gpus_per_node, per_gpu), gpu_perm)
     aligned = _align_slots(new_RAT.reshape(-1, per_gpu), old_LGT.reshape(-1, per_gpu))
     return aligned.view(num_layers, num_slots)
@@ -132,23 +137,17 @@ def _permute_blocks(blocks_RA: torch.Tensor, perm_RA: torch.Tensor) -> torch.Ten
 
 def _assign(overlap_RAA: torch.Tensor) -> torch.Tensor:
     """A permutation per row (new a -> old perm[a]) maximising the summed overlap: exact for up to
-    ``_EXACT_ASSIGN_MAX`` items, else greedy (largest overlap first) followed by pairwise exchanges."""
+    ``_EXACT_ASSIGN_MAX`` items, else greedy rounds of proposals followed by pairwise exchanges."""
     num_rows, size, _ = overlap_RAA.shape
-    rows_R = torch.arange(num_rows)
+    torch.arange(num_rows)
     if size <= _EXACT_ASSIGN_MAX:
         perms_KA = torch.tensor(list(itertools.permutations(range(size))), dtype=torch.int64)
         flat_index = (torch.arange(size) * size + perms_KA).view(-1)
         score = overlap_RAA.reshape(num_rows, -1)[:, flat_index].view(num_rows, -1, size).sum(-1)
         return perms_KA[score.argmax(-1)]  # the identity (first) wins ties
-    work = overlap_RAA.clone()
-    perm_RA = torch.empty(num_rows, size, dtype=torch.int64)
-    for _ in range(size):
-        flat = work.view(num_rows, -1).argmax(-1)
-        new_R, old_R = flat // size, flat % size
-        perm_RA[rows_R, new_R] = old_R
-        work[rows_R, new_R, :] = -1.0
-        work[rows_R, :, old_R] = -1.0
-    for _ in range(size * size):  # pairwise exchanges while they raise the overlap
+    perm_RA = _propose_and_accept(overlap_RAA)
+    # Pairwise exchanges while they raise the overlap ([R, A, A] work per round: skipped for many GPUs).
+    for _ in range(_EXCHANGE_ROUNDS if size <= _EXCHANGE_MAX else 0):
         picked = overlap_RAA.gather(2, perm_RA.unsqueeze(1).expand(-1, size, -1))  # [r, a, b] = M[a, perm[b]]
         own = picked.diagonal(dim1=1, dim2=2)
         gain = picked + picked.transpose(1, 2) - own.unsqueeze(2) - own.unsqueeze(1)
@@ -160,6 +159,39 @@ def _assign(overlap_RAA: torch.Tensor) -> torch.Tensor:
         p_first, p_second = perm_RA[take, first], perm_RA[take, second]
         perm_RA[take, first] = p_second
         perm_RA[take, second] = p_first
+    return perm_RA
+
+
+def _propose_and_accept(overlap_RAA: torch.Tensor) -> torch.Tensor:
+    """Greedy matching in rounds: every unmatched new item proposes to its best unmatched old item; each
+    old item accepts its best proposal (lowest new index on ties). Items left without overlap are matched
+    in index order. Returns perm [R, A] (new a -> old perm[a])."""
+    num_rows, size, _ = overlap_RAA.shape
+    perm_RA = torch.full((num_rows, size), -1, dtype=torch.int64)
+    taken_RA = torch.zeros(num_rows, size, dtype=torch.bool)  # old items already matched
+    work = overlap_RAA.clone()
+    new_A = torch.arange(size).expand(num_rows, -1)
+    for _ in range(size):
+        best_RA, choice_RA = work.max(-1)
+        valid = (best_RA > 0) & (perm_RA < 0)
+        if not bool(valid.any()):
+            break
+        offer = torch.where(valid, best_RA, -1.0)
+        top_offer = torch.full((num_rows, size), -1.0, dtype=offer.dtype).scatter_reduce_(1, choice_RA, offer, "amax")
+        winner = valid & (offer == top_offer.gather(1, choice_RA))
+        first = torch.full((num_rows, size), size, dtype=torch.int64)
+        first.scatter_reduce_(1, choice_RA, torch.where(winner, new_A, size), "amin")
+        winner &= first.gather(1, choice_RA) == new_A
+        perm_RA = torch.where(winner, choice_RA, perm_RA)
+        rows, news = torch.nonzero(winner, as_tuple=True)
+        taken_RA[rows, choice_RA[rows, news]] = True
+        work.masked_fill_(winner.unsqueeze(2) | taken_RA.unsqueeze(1), -1.0)
+    # Leftovers: the k-th unmatched new item gets the k-th unmatched old item.
+    left_new = perm_RA < 0
+    if bool(left_new.any()):
+        free_old = torch.sort(taken_RA.to(torch.int8), dim=-1, stable=True).indices
+        rank = (left_new.cumsum(-1) - 1).clamp(min=0)
+        perm_RA = torch.where(left_new, free_old.gather(1, rank), perm_RA)
     return perm_RA
 
 

@@ -300,7 +300,6 @@ class _Top:
     left_W: torch.Tensor | None = None  # changed slots still allowed (None: no budget)
     current_Wp: torch.Tensor | None = None  # deployed experts of the top slots
     moved_Wp: torch.Tensor | None = None  # 1.0 where a top slot already differs from the deployed one
-    cost_W: torch.Tensor | None = None  # copy penalty of one slot in load units (linearised, see _best_moves)
 
 
 def _find_top(w: _Work, ctx: _Context) -> _Top:
@@ -318,7 +317,6 @@ def _find_top(w: _Work, ctx: _Context) -> _Top:
         top.left_W = w.budget - (w.slot_expert != w.current).sum(-1) if w.budget is not None else None
         top.current_Wp = w.current.gather(1, slot_Wp)
         top.moved_Wp = (expert_Wp != top.current_Wp).to(torch.float32)
-        top.cost_W = ctx.copy_penalty * top_W**2 / top.mean_W.clamp(min=1e-300)
     return top
 
 
@@ -371,16 +369,14 @@ def _best_swap(w: _Work, ctx: _Context, top: _Top) -> tuple[torch.Tensor, torch.
     torch.sub(top.load_Wp.float().unsqueeze(2), partner_WS[:, ctx.slot_of_Q].float().unsqueeze(1), out=diff)
     torch.sub(room_WP.float().repeat(1, per_pack).unsqueeze(1), diff, out=score)
     torch.minimum(diff, score, out=score)
-    if w.current is not None:  # minus the (linearised) copy cost of the 2 - moved_p - moved_j new copies
-        cost = top.cost_W.float()
+    if w.current is not None:  # gain per new copy: 2 - moved_p - moved_j slots start to differ (0 counts 1/2)
         moved_WQ = (w.slot_expert != w.current).to(torch.float32)[:, ctx.slot_of_Q]
-        score.add_((top.moved_Wp * cost.unsqueeze(1)).unsqueeze(2)).add_((moved_WQ * cost.unsqueeze(1)).unsqueeze(1))
-        score.sub_(2 * cost.view(-1, 1, 1))
-        if top.left_W is not None and bool((top.left_W < 2).any()):  # needs > left: blocked
-            need = ctx.diff[:num_rows]
-            torch.add(top.moved_Wp.unsqueeze(2), moved_WQ.unsqueeze(1), out=need)
-            need.neg_().add_((2 - top.left_W).float().view(-1, 1, 1)).clamp_(min=0)
-            score.sub_(need.mul_(_BIG))
+        need = ctx.diff[:num_rows]
+        torch.add(top.moved_Wp.unsqueeze(2), moved_WQ.unsqueeze(1), out=need)
+        need.neg_().add_(2.0)
+        if top.left_W is not None:  # over budget: blocked
+            score.sub_(torch.gt(need, top.left_W.float().view(-1, 1, 1)).float().mul_(_BIG))
+        score.div_(need.clamp_(min=0.5))
     # Best partner per (top slot p, pack h); then block the pairs whose pack h already hosts expert a.
     by_pack = score.view(num_rows, per_pack, per_pack, num_packs).amax(2)
     by_pack.masked_fill_(top.hosts_WPp.transpose(1, 2) > 0, -_INF)
@@ -433,11 +429,11 @@ def _best_replace(w: _Work, ctx: _Context, top: _Top) -> tuple[torch.Tensor, tor
     torch.sub(top.top_W.float().view(-1, 1, 1), score, out=score)  # room left under the top by a's hosts
     torch.sub(drop_Wp.float().unsqueeze(2), new_share_WE.float().unsqueeze(1), out=tmp)
     torch.minimum(score, tmp, out=score)
-    if w.current is not None:  # minus the (linearised) cost of 1 - moved_p new copies; no budget left: blocked
-        penalty_Wp = top.cost_W.float().unsqueeze(1) * (1 - top.moved_Wp)
+    if w.current is not None:  # gain per new copy (1 - moved_p); no budget left: blocked
+        need_Wp = 1.0 - top.moved_Wp
         if top.left_W is not None:
-            penalty_Wp += ((top.left_W < 1).unsqueeze(1) & (top.moved_Wp == 0)).float() * _BIG
-        score.sub_(penalty_Wp.unsqueeze(2))
+            score.sub_(((top.left_W < 1).unsqueeze(1) & (need_Wp > 0)).float().mul_(_BIG).unsqueeze(2))
+        score.div_(need_Wp.clamp(min=0.5).unsqueeze(2))
     best_W = score.view(num_rows, -1).amax(-1)
     flat_W = score.view(num_rows, -1).argmax(-1)
     i_W, b_W = flat_W // ctx.num_experts, flat_W % ctx.num_experts
