@@ -147,6 +147,11 @@ class DualPipeEngine(StepMixin, CheckpointMixin, PipelineEngine):
         self._registered_overlap = fn
         self._overlaps.clear()
 
+    def destroy(self) -> None:
+        """Stop the p2p waiter threads, then DeepSpeed's cleanup."""
+        self._comm.close()
+        super().destroy()
+
     @property
     def micro_batch_losses(self) -> dict[int, Tensor]:
         """Detached loss of every micro-batch whose loss this rank computed in the last step."""
