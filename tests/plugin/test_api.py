@@ -90,6 +90,13 @@ def _entry_points(rank: int, world_size: int, json_path: str) -> dict[str, Any]:
     names = {id(p): n for n, p in engine.module.named_parameters()}
     out["groups"] = [(g["weight_decay"], sorted(names[id(p)].split(".")[-1] for p in g["params"]))
                      for g in engine.basic_optimizer.param_groups]
+    # A loader set on the engine (what training_data= leads to) stays on the ranks that read data.
+    model = _model()
+    engine, *_ = dualmoe.initialize(model=model, model_parameters=model.parameters(),
+                                    config=_config(schedule="dualpipev"))
+    engine.set_dataloader(batches("mlp", 4, seed=1, dtype=torch.float32))
+    out["loader"] = (engine.training_dataloader is not None, engine.data_iterator is not None,
+                     float(engine.train_batch()))
     return out
 
 
@@ -107,6 +114,9 @@ def test_api_entry_points_pick_the_engine_from_config_args_and_install(tmp_path:
         assert out["lr_after_step"] == [0.025]
         assert [wd for wd, _ in out["groups"]] == [0.0, 0.1]
         assert set(out["groups"][0][1]) == {"bias"} and set(out["groups"][1][1]) == {"weight"}
+    # dualpipev reads data on pp rank 0 only; the loss reaches every rank.
+    assert results[0]["loader"][:2] == (True, True) and results[1]["loader"][:2] == (False, False)
+    assert results[0]["loader"][2] == results[1]["loader"][2] > 0
 
 
 def _bad_config_on_rank_zero_only(rank: int, world_size: int) -> str:
