@@ -213,11 +213,12 @@ def plot(rows: list[Row], path: str, has_ref: bool) -> None:
 
     labels = [f"{r.shape}\ns={r.skew}" for r in rows]
     x = torch.arange(len(rows)).tolist()
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, len(rows) * 0.6), 8))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(10, len(rows) * 0.6), 8), sharex=True)
     ax1.bar([i - 0.2 for i in x], [r.ours_bal["plan"] for r in rows], 0.4, label="dualmoe")
     if has_ref:
         ax1.bar([i + 0.2 for i in x], [r.ref_bal["plan"] for r in rows], 0.4, label="deepseek-ai/EPLB")
-    ax1.set_ylim(0.4, 1.005)
+    lowest = min([r.ours_bal["plan"] for r in rows] + [r.ref_bal["plan"] for r in rows if has_ref])
+    ax1.set_ylim(max(0.0, lowest - 0.05), 1.005)
     ax1.set_ylabel("balancedness (plan window)")
     ax1.legend()
     ax2.bar([i - 0.2 for i in x], [r.ours_ms for r in rows], 0.4, label="dualmoe")
