@@ -87,23 +87,29 @@ class StepMixin:
                     opt._update_hp_grad(lp, i, j, clear_lp_grads=False)
                     lp.grad = None
 
-    def _grad_for_sync(self, param: Tensor) -> Tensor:
-        """The grad tensor DeepSpeed will reduce and step on for `param` (created as zeros if absent)."""
-        if self.using_bf16_optimizer:
-            opt = self.optimizer
-            for i, group in enumerate(opt.bf16_groups):
-                for j, lp in enumerate(group):
-                    if lp is param:
-                        opt.fp32_groups_has_gradients[i][j] = True
-                        return opt.fp32_groups_gradients[i][j]
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        return param.grad
-
     def _reduce_shared_grads(self) -> None:
-        """Sum the grads of parameters held on several pipeline ranks (DualPipe copies, tied layers)."""
+        """Sum the grads of parameters held on several pipeline ranks (DualPipe copies, tied layers).
+
+        The grad summed is the one DeepSpeed reduces and steps on: BF16_Optimizer's fp32 accumulator, else
+        `param.grad` (created as zeros where this copy got no grad, so every rank sends the same layout).
+        """
+        opt = self.optimizer
+        hp_index = ({id(lp): (i, j) for i, group in enumerate(opt.bf16_groups) for j, lp in enumerate(group)}
+                    if self.using_bf16_optimizer else {})
         for group, params in self.module.shared_grads:
-            _all_reduce_flat([self._grad_for_sync(p) for p in params if p.requires_grad], group)
+            grads = []
+            for p in params:
+                if not p.requires_grad:
+                    continue
+                if id(p) in hp_index:
+                    i, j = hp_index[id(p)]
+                    opt.fp32_groups_has_gradients[i][j] = True
+                    grads.append(opt.fp32_groups_gradients[i][j])
+                else:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    grads.append(p.grad)
+            _all_reduce_flat(grads, group)
 
     def clip_fp32_gradients(self) -> None:
         """Clip to `gradient_clipping` by the global norm over the pipeline, each shared copy counted once."""

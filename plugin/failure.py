@@ -13,6 +13,7 @@ peer, all ranks of the engine meet at a store counter (`AbortSignal.agree`), a w
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -123,18 +124,27 @@ class AbortSignal:
         if message is not None:
             raise PeerAborted(f"{self.where}, {context}: stopped because {message}")
 
-    def wait(self, done: Callable[[], bool], *, context: str, what: str) -> None:
+    def wait(self, done: Callable[[], bool], *, context: str, what: str,
+             events: Sequence[threading.Event] = ()) -> None:
         """Wait until `done()`, watching the abort flag and the deadline.
+
+        Args:
+            done: completion test; may raise the transport's error.
+            context: where this rank is ("step 3, action 1F2 (#7)").
+            what: what it waits for, for the messages.
+            events: events set on completion; blocking on them wakes at once instead of polling `done`.
 
         Raises:
             PeerAborted: another rank failed meanwhile.
             CommTimeout: `timeout_s` passed, or the transport failed (a dead peer); the message names
                 `context` and `what`.
         """
-        start = time.monotonic()
+        deadline = time.monotonic() + self.timeout_s
         try:
-            finished = poll_until(done, deadline=start + self.timeout_s,
-                                  on_idle=lambda: self.raise_if_aborted(context))
+            for event in events:
+                while not event.wait(timeout=_ABORT_POLL_S) and time.monotonic() <= deadline:
+                    self.raise_if_aborted(context)
+            finished = poll_until(done, deadline=deadline, on_idle=lambda: self.raise_if_aborted(context))
         except CommTimeout:
             raise
         except Exception as err:  # the transport failed (e.g. gloo: "Connection closed by peer")

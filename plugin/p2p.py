@@ -279,11 +279,13 @@ class PipeComm:
             raise ScheduleError(f"{context}: message {key} was never posted (missing RECV action)")
         what = f"message {key} from pp rank {recv.peer}"
         if recv.tensors is None:
-            self.abort.wait(recv.header_done.done, context=context, what=f"the header of {what}")
+            self.abort.wait(recv.header_done.done, context=context, what=f"the header of {what}",
+                            events=(recv.header_done.event,))
             self._post_arrived(until=key)
         self.flush()
         del self._recvs[key]
-        self.abort.wait(lambda: all(d.done() for d in recv.dones), context=context, what=f"the payload of {what}")
+        self.abort.wait(lambda: all(d.done() for d in recv.dones), context=context, what=f"the payload of {what}",
+                        events=[d.event for d in recv.dones])
         for work in recv.works:
             work.wait()  # NCCL: the compute stream waits for the receive; no host sync
         return tuple(recv.tensors)

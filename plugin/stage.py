@@ -16,8 +16,11 @@ interchangeable with DeepSpeed's and a reference model can copy weights by layer
 Copies of one parameter on several pipeline ranks (DualPipe's two copies of every part; a tied layer
 used by parts on different ranks) start equal (broadcast from the lowest rank) and stay equal because
 their grads are summed over the owning ranks before the optimizer step (`PipelineStages.shared_grads`);
-copies other than the lowest rank's are flagged `ds_pipe_replicated` so DeepSpeed counts them once in
-grad norms. Tied layers whose parts sit on one rank (V placement's embedding and head) share one module.
+every copy but the *owner's* is flagged `ds_pipe_replicated` so DeepSpeed counts it once in grad norms.
+A part's owner is the rank of its first stage (copy 0 for DualPipe, so each rank of a mirrored pair owns
+one of its two parts; DeepSpeed's BF16_Optimizer fails on a rank that owns nothing); a tied module's owner
+is the owner of its first layer. Tied layers whose parts sit on one rank (V placement's embedding and head)
+share one module.
 """
 
 from __future__ import annotations
@@ -142,6 +145,14 @@ class StageLayout:
     def part_owners(self, part: int) -> tuple[int, ...]:
         """Pipeline ranks holding a copy of `part`."""
         return tuple(sorted({r for s, r in enumerate(self.stage_to_rank) if self.stage_to_part[s] == part}))
+
+    def part_owner(self, part: int) -> int:
+        """The rank whose copy of `part` counts in grad norms and writes checkpoints: its first stage's."""
+        return self.stage_to_rank[self.stage_to_part.index(part)]
+
+    def tied_owner(self, key: str) -> int:
+        """The rank whose copy of tied module `key` counts: the owner of the key's first layer."""
+        return self.part_owner(self.part_of_layer(dict(self.tied)[key][0]))
 
     def tied_owners(self, key: str) -> tuple[int, ...]:
         """Pipeline ranks holding the tied module `key`."""
@@ -281,14 +292,19 @@ class PipelineStages(PipelineModule):
     def _share(self, shared_groups: Sequence[tuple[tuple[int, ...], Any, int]]
                ) -> tuple[tuple[Any, tuple[nn.Parameter, ...]], ...]:
         """Group this rank's parameters by the set of ranks that hold copies; sync them; flag replicas."""
+        layout = self.layout
         by_ranks: dict[tuple[int, ...], list[nn.Parameter]] = {}
-        for part in self.layout.parts_of(self.pp_rank):
-            owners = self.layout.part_owners(part)
-            for index in range(self.layout.bounds[part], self.layout.bounds[part + 1]):
+        for part in layout.parts_of(self.pp_rank):
+            for index in range(layout.bounds[part], layout.bounds[part + 1]):
                 if str(index) in self._modules:
-                    by_ranks.setdefault(owners, []).extend(self._modules[str(index)].parameters())
+                    params = list(self._modules[str(index)].parameters())
+                    by_ranks.setdefault(layout.part_owners(part), []).extend(params)
+                    for p in params:
+                        p.ds_pipe_replicated = self.pp_rank != layout.part_owner(part)
         for key, module in self.tied_modules.items():
-            by_ranks.setdefault(self.layout.tied_owners(key), []).extend(module.parameters())
+            by_ranks.setdefault(layout.tied_owners(key), []).extend(module.parameters())
+            for p in module.parameters():
+                p.ds_pipe_replicated = self.pp_rank != layout.tied_owner(key)
         groups = {ranks: (group, src) for ranks, group, src in shared_groups}
         shared = []
         for ranks, params in sorted(by_ranks.items()):
@@ -298,7 +314,6 @@ class PipelineStages(PipelineModule):
             group, src = groups[ranks]
             for p in unique:
                 torch.distributed.broadcast(p.data, src=src, group=group)
-                p.ds_pipe_replicated = self.pp_rank != ranks[0]
             shared.append((group, unique))
         return tuple(shared)
 
@@ -307,8 +322,8 @@ class PipelineStages(PipelineModule):
         raise RuntimeError("PipelineStages runs stage by stage (engine.train_batch); call stages[s](x) instead")
 
     def _writes_layer(self, index: int) -> bool:
-        owners = self.layout.part_owners(self.layout.part_of_layer(index))
-        return self.pp_rank == owners[0] and self._grid.data_parallel_id == 0
+        owner = self.layout.part_owner(self.layout.part_of_layer(index))
+        return self.pp_rank == owner and self._grid.data_parallel_id == 0
 
     def _layer_items(self) -> list[tuple[int, Any]]:
         return [(i, fn) for stage in dict.fromkeys(self.stages.values())

@@ -20,8 +20,10 @@ def test_engine_zero1_fp32_updates_match_reference() -> None:
 
 
 def test_engine_bf16_runs_close_to_fp32_reference() -> None:
-    # bf16 ZeRO-0 (BF16_Optimizer, fp32 grad accumulation) and bf16 ZeRO-1; three SGD steps.
-    cases = [Case(kinds=("dualpipev", "zb1p"), pipe=2, micro_batches=4, num_layers=4, steps=3, lr=0.1, dtype="bf16"),
+    # bf16 ZeRO-0 (BF16_Optimizer, fp32 grad accumulation; dualpipe sums its copies' fp32 grads) and bf16
+    # ZeRO-1; three SGD steps.
+    cases = [Case(kinds=("dualpipev", "zb1p", "dualpipe"), pipe=2, micro_batches=4, num_layers=4, steps=3, lr=0.1,
+                  dtype="bf16"),
              Case(kinds=("dualpipe",), pipe=2, micro_batches=4, num_layers=4, steps=3, lr=0.1, dtype="bf16",
                   extra=(("zero_optimization", {"stage": 1}),))]
     for case in cases:
