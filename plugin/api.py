@@ -198,10 +198,10 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     if mpu is not None or mesh_param is not None:
         raise ConfigError("mpu and mesh_param must be None with pipeline parallelism (the PipelineModule's "
                           "topology defines the groups)")
+    if getattr(args, "deepspeed_config", None) is not None and config is not None:
+        raise ConfigError("give the DeepSpeed config either as args.deepspeed_config or as config=, not both")
     deepspeed.comm.init_distributed(dist_backend=deepspeed.get_accelerator().communication_backend_name(),
                                     distributed_port=distributed_port, dist_init_required=dist_init_required)
-    if hasattr(args, "deepspeed_config") and args.deepspeed_config is not None and config is not None:
-        raise ConfigError("give the DeepSpeed config either as args.deepspeed_config or as config=, not both")
     rest = {k: kwargs[k] for k in ("args", "training_data", "dist_init_required", "collate_fn")}
     rest.update(model_parameters=model_parameters, optimizer=optimizer, lr_scheduler=lr_scheduler)
     return _build(cfg, ds_config, model, rest)
