@@ -421,7 +421,8 @@ def _best_replace(w: _Work, ctx: _Context, top: _Top) -> tuple[torch.Tensor, tor
     new_share_WE = w.load / (w.count + 1)
     fall_WE = w.load / w.count - new_share_WE
     new_share_WE.masked_fill_(blocked_WE, _BIG)
-    b_on_first = w.presence.gather(1, first_pack_Wp.unsqueeze(2).expand(-1, -1, ctx.num_experts))
+    first_rows = (rows_W.unsqueeze(1) * num_packs + first_pack_Wp).view(-1)  # (index_select: ~20x a gather)
+    b_on_first = w.presence.view(-1, ctx.num_experts).index_select(0, first_rows).view(num_rows, -1, ctx.num_experts)
     score, tmp = ctx.rep_gain[:num_rows], ctx.rep_tmp[:num_rows]
     torch.mul(b_on_first, fall_WE.float().unsqueeze(1), out=score)
     torch.sub(first_Wp.float().unsqueeze(2), score, out=score)
@@ -434,9 +435,9 @@ def _best_replace(w: _Work, ctx: _Context, top: _Top) -> tuple[torch.Tensor, tor
         if top.left_W is not None:
             score.sub_(((top.left_W < 1).unsqueeze(1) & (need_Wp > 0)).float().mul_(_BIG).unsqueeze(2))
         score.div_(need_Wp.clamp(min=0.5).unsqueeze(2))
-    best_W = score.view(num_rows, -1).amax(-1)
-    flat_W = score.view(num_rows, -1).argmax(-1)
-    i_W, b_W = flat_W // ctx.num_experts, flat_W % ctx.num_experts
+    best_Wp = score.amax(-1)  # two-stage argmax (a flat one is ~6x slower); same first-index tie-break
+    best_W, i_W = best_Wp.max(-1)
+    b_W = score[rows_W, i_W].argmax(-1)
     hosts_after_W = torch.maximum(
         first_Wp[rows_W, i_W] - b_on_first[rows_W, i_W, b_W] * fall_WE[rows_W, b_W], second_Wp[rows_W, i_W]
     )
