@@ -33,7 +33,9 @@ from dataclasses import dataclass
 
 import torch
 from dualmoe.errors import PlacementError
-from dualmoe.moe.eplb_pack import apportion, group_partitions, local_search, pack_greedy, place_exactly
+from dualmoe.moe.eplb_migrate import choose_per_layer
+from dualmoe.moe.eplb_pack import apportion, group_partitions, pack_greedy, place_exactly
+from dualmoe.moe.eplb_search import local_search
 
 __all__ = [
     "Plan",
@@ -85,7 +87,8 @@ class Plan:
         replica_count: [L, E] int64, replicas of every logical expert.
         changed: [L, S] bool, slots whose logical expert changes (each needs a weight copy).
         kept: [L] bool, layers left exactly as deployed (skip rule, budget 0, or nothing worth moving).
-        balancedness_before: [L] float64, mean/max GPU load of the deployed placement on the given load.
+        balancedness_before: [L] float64, mean/max GPU load of the deployed placement on the given load
+            (0.0 when nothing was deployed).
         balancedness_after: [L] float64, the same for the new placement.
         num_copies: total slots that change (= ``changed.sum()``).
     """
@@ -181,10 +184,9 @@ def plan_placement(
     )
     if current is None:
         after_L = balancedness(fresh_LS, load_LE, num_ranks)
-        return _make_plan(fresh_LS, torch.ones_like(fresh_LS, dtype=torch.bool), torch.zeros_like(after_L), after_L)
+        changed_LS = torch.ones_like(fresh_LS, dtype=torch.bool)
+        return _make_plan(fresh_LS, changed_LS, torch.zeros_like(after_L), after_L, num_experts)
     current_LS = _check_current(current, num_layers, num_slots, num_experts)
-    from dualmoe.moe.eplb_migrate import choose_per_layer
-
     new_LS = choose_per_layer(
         load_LE,
         current_LS,
@@ -197,7 +199,7 @@ def plan_placement(
         copy_cost=float(copy_cost),
     )
     before_L = balancedness(current_LS, load_LE, num_ranks)
-    return _make_plan(new_LS, new_LS != current_LS, before_L, balancedness(new_LS, load_LE, num_ranks))
+    return _make_plan(new_LS, new_LS != current_LS, before_L, balancedness(new_LS, load_LE, num_ranks), num_experts)
 
 
 def replica_count_of(physical_to_logical: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -344,8 +346,8 @@ def _plan_domain(load_RE: torch.Tensor, *, num_slots: int, num_packs: int) -> tu
 # checks and plan assembly
 
 
-def _make_plan(new_LS: torch.Tensor, changed_LS: torch.Tensor, before_L: torch.Tensor, after_L: torch.Tensor) -> Plan:
-    num_experts = int(new_LS.max()) + 1
+def _make_plan(new_LS: torch.Tensor, changed_LS: torch.Tensor, before_L: torch.Tensor, after_L: torch.Tensor,
+               num_experts: int) -> Plan:
     count_LE = replica_count_of(new_LS, num_experts)
     return Plan(
         physical_to_logical=new_LS,

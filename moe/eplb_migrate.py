@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from dualmoe.moe.eplb_pack import local_search
+from dualmoe.moe.eplb_search import local_search
 
 __all__ = ["choose_per_layer", "relabel"]
 
