@@ -1,48 +1,68 @@
-"""Routed experts on physical slots: grouped SwiGLU GEMMs, home parameters and slot buffers.
+"""Routed experts on physical slots: grouped SwiGLU GEMMs on the home parameters and on replica buffers.
 
-Legend: M rows routed to this rank (grouped by local slot), H hidden size, I expert FFN width,
-Lc local slots (S/P), Eh home experts per rank (E/P), G groups of a grouped GEMM.
+Legend: M rows routed to this rank (grouped by compute position), H hidden size, I expert FFN width,
+Eh home experts per rank (E/P), Rl distinct remote experts held here (replica rows), G GEMM groups.
 
-    h_M2I = grouped(x_MH, slot_gate_up[Lc, 2I, H]);  a_MI = silu(h[:, :I]) * h[:, I:]
-    y_MH  = grouped(a_MI, slot_down[Lc, H, I])
+    rows of home experts:    h = grouped(x, gate_up_proj[Eh, 2I, H]);  y = grouped(silu(h1) * h2, down_proj[Eh, H, I])
+    rows of remote experts:  the same on replica_gate_up [Rl, 2I, H] and replica_down [Rl, H, I]
 
-Weights: the trainable `gate_up_proj [Eh, 2I, H]` and `down_proj [Eh, H, I]` (transformers'
-DeepseekV3Experts layout) hold this rank's *home* experts and never enter the autograd graph. The
-forward runs on slot *buffers* (copies of homes, one per physical slot), so DeepSpeed's optimizer
-sees only homes and a rebalance only rewrites buffers. The GEMM backward returns dx at once and
-hands dW to `dualmoe.wgrad.defer_or_run` (the zero-bubble W split); dW lands in slot gradient
-buffers, and `reduce_slot_grads` sums them into the homes' `.grad` (one all-to-all, the adjoint of
-`refresh_slots`). Homes carry DeepSpeed's expert marks (`allreduce=False`, `group_name`), so
-DeepSpeed then reduces them over the expert-data-parallel group and ZeRO puts them in MoE groups.
+Weights. The trainable `gate_up_proj [Eh, 2I, H]` and `down_proj [Eh, H, I]` (transformers'
+DeepseekV3Experts layout) hold this rank's *home* experts and carry DeepSpeed's expert marks
+(`allreduce=False`, `group_name`), so DeepSpeed reduces them over the expert-data-parallel group and
+ZeRO puts them in MoE param groups. A slot whose expert is homed on this rank computes with the home
+parameter directly (its rows form the home part of the GEMM, see `dualmoe.moe.placement.SlotLayout`);
+a slot holding another rank's expert computes with a row of the replica buffers, which
+`refresh_replicas` fills from the homes after each optimizer step. With R = 0 and the identity
+placement there are no replica rows: no buffer, no copy, no exchange; memory is that of a plain layer.
 
-Grouped GEMM: `F.grouped_mm` (or `torch._grouped_mm` on older torch) for bf16 on CUDA; elsewhere (CPU,
-fp32/fp64) a loop of `torch.mm` over the groups with the same math.
+Gradients. The GEMM backward returns dx at once and hands dW to `dualmoe.wgrad.defer_or_run` (the
+zero-bubble W split). dW of the home part is accumulated straight into the home's `.grad` in the
+weight dtype, exactly as autograd's AccumulateGrad would for a dense parameter, so DeepSpeed's own
+per-micro-batch hand-off (BF16_Optimizer's fp32 accumulator, ZeRO's fp32 `grad_accum`, the pipeline
+engine's `_after_grads`) treats it like every other gradient. dW of the replica part accumulates in
+fp32 replica-gradient buffers (16-bit weights; micro-batches and replicas add up there) and
+`reduce_slot_grads` sends it home (one all-to-all, the adjoint of the refresh) at the step boundary.
+No autograd hook fires for these hand-written grads, so the MoE engine hands the homes to the optimizer
+at the boundary (`dualmoe.moe.hooks.hand_grads_to_optimizer`), as before.
+
+Grouped GEMMs: `dualmoe.moe.grouped` (grouped_mm on CUDA bf16, the per-expert loop as CPU reference).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dualmoe.log import warn_once
 from dualmoe.wgrad import WeightGradQueue, accumulate_grad, defer_or_run
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 from torch.profiler import record_function
 
 from .dispatch import all_to_all_rows
-from .placement import SlotExchange
+from .grouped import (
+    fallback_counts,
+    grouped_mm,
+    grouped_mm_dx,
+    grouped_mm_layout_problem,
+    grouped_wgrad,
+    grouped_wgrad_,
+)
+from .placement import Placement, ReplicaExchange, SlotLayout, slot_layout
 
-__all__ = ["SlotExperts", "expert_group_name", "grouped_mm", "grouped_mm_dx", "grouped_wgrad_"]
+__all__ = [
+    "SlotExperts",
+    "SlotView",
+    "expert_group_name",
+    "fallback_counts",
+    "grouped_mm",
+    "grouped_mm_dx",
+    "grouped_mm_layout_problem",
+    "grouped_wgrad_",
+]
 
-logger = logging.getLogger(__name__)
-_FAST_PATH_BROKEN: set[str] = set()
-# torch >= 2.10 has the public F.grouped_mm (bf16, CUDA SM80+); older builds only the private op.
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+HOME, REPLICA = 0, 1  # the two parts of a rank's rows
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -50,90 +70,31 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
-def _fast(*tensors: Tensor, op: str) -> bool:
-    """Use torch._grouped_mm: CUDA, bf16, 16-byte aligned rows, and not failed before."""
-    t = tensors[0]
-    return (t.is_cuda and _GROUPED_MM is not None and op not in _FAST_PATH_BROKEN
-            and all(x.dtype == torch.bfloat16 and x.shape[-1] % 8 == 0 for x in tensors))
+def _check_group(exchange: ReplicaExchange, group: dist.ProcessGroup | None, what: str) -> None:
+    if exchange.any_rows and group is None:
+        raise RuntimeError(f"{what}: replicas live on other EP ranks but no expert-parallel group was given")
 
 
-def _offsets(counts: Sequence[int], device: torch.device) -> Tensor:
-    return _cached_offsets(tuple(counts), device)
-
-
-@functools.lru_cache(maxsize=128)
-def _cached_offsets(counts: tuple[int, ...], device: torch.device) -> Tensor:
-    # One host->device copy per (micro-batch, layer): forward, dx and dW of both GEMMs share it.
-    return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
-
-
-def _try_fast(op: str, fn: Callable[[], Tensor]) -> Tensor | None:
-    try:
-        return fn()
-    except RuntimeError as err:  # an unsupported shape/arch: fall back for good, once per op
-        _FAST_PATH_BROKEN.add(op)
-        warn_once(logger, f"torch._grouped_mm failed for {op} ({err}); using the per-expert loop")
-        return None
-
-
-def grouped_mm(x_MK: Tensor, w_GNK: Tensor, counts: Sequence[int]) -> Tensor:
-    """y rows of group g = x rows of g @ w[g].T (`counts[g]` consecutive rows per group) -> [M, N]."""
-    if _fast(x_MK, w_GNK, op="fwd") and x_MK.shape[0] > 0:
-        y = _try_fast("fwd", lambda: _GROUPED_MM(x_MK, w_GNK.transpose(-2, -1), offs=_offsets(counts, x_MK.device)))
-        if y is not None:
-            return y
-    out = x_MK.new_empty((x_MK.shape[0], w_GNK.shape[1]))
-    start = 0
-    for g, n in enumerate(counts):
-        if n:
-            torch.mm(x_MK[start:start + n], w_GNK[g].t(), out=out[start:start + n])
-        start += n
-    return out
-
-
-def grouped_mm_dx(dy_MN: Tensor, w_GNK: Tensor, counts: Sequence[int]) -> Tensor:
-    """Input grad of `grouped_mm`: dx rows of g = dy rows of g @ w[g] -> [M, K]."""
-    if _fast(dy_MN, w_GNK, op="dx") and dy_MN.shape[0] > 0:
-        dx = _try_fast("dx", lambda: _GROUPED_MM(dy_MN, w_GNK, offs=_offsets(counts, dy_MN.device)))
-        if dx is not None:
-            return dx
-    out = dy_MN.new_empty((dy_MN.shape[0], w_GNK.shape[2]))
-    start = 0
-    for g, n in enumerate(counts):
-        if n:
-            torch.mm(dy_MN[start:start + n], w_GNK[g], out=out[start:start + n])
-        start += n
-    return out
-
-
-def grouped_wgrad_(out_GNK: Tensor, dy_MN: Tensor, x_MK: Tensor, counts: Sequence[int]) -> None:
-    """Weight grad of `grouped_mm`, accumulated in place: out[g] += dy_g.T @ x_g."""
-    if _fast(dy_MN, x_MK, op="dw") and dy_MN.shape[0] > 0:
-        # 2-D x 2-D: the shared M dimension is split by offs, giving [G, N, K]; accumulate in fp32.
-        dw = _try_fast("dw", lambda: _GROUPED_MM(dy_MN.t(), x_MK, offs=_offsets(counts, x_MK.device),
-                                                 out_dtype=out_GNK.dtype))
-        if dw is not None:
-            out_GNK.add_(dw)
-            return
-    start = 0
-    for g, n in enumerate(counts):
-        if n:
-            dy_g, x_g = dy_MN[start:start + n], x_MK[start:start + n]
-            if out_GNK.dtype == dy_g.dtype:
-                out_GNK[g].addmm_(dy_g.t(), x_g)
-            else:
-                out_GNK[g].add_(torch.mm(dy_g.t(), x_g))
-        start += n
+def _accumulate_home_wgrad(home: nn.Parameter, dy_MN: Tensor, x_MK: Tensor, counts: Sequence[int]) -> None:
+    """dW of the home part into `home.grad` like AccumulateGrad: set when None (no copy), else add."""
+    dw = grouped_wgrad(dy_MN, x_MK, counts)
+    if dw is not None:
+        accumulate_grad(home, dw)
+        return
+    with torch.no_grad():
+        if home.grad is None:
+            home.grad = torch.zeros_like(home)
+        grouped_wgrad_(home.grad, dy_MN, x_MK, counts)
 
 
 class _GroupedLinear(torch.autograd.Function):
-    """grouped_mm on slot weights; backward: dx now, dW via the weight-grad queue into slot grads."""
+    """grouped_mm on one part's weights; backward: dx now, dW via the weight-grad queue."""
 
     @staticmethod
     def forward(ctx: FunctionCtx, x_MK: Tensor, w_GNK: Tensor, anchor: Tensor, counts: tuple[int, ...],
-                owner: SlotExperts, which: int) -> Tensor:
+                owner: SlotExperts, key: tuple[int, int]) -> Tensor:
         ctx.save_for_backward(x_MK, w_GNK)
-        ctx.counts, ctx.owner, ctx.which = counts, owner, which
+        ctx.counts, ctx.owner, ctx.key = counts, owner, key
         return grouped_mm(x_MK, w_GNK, counts)
 
     @staticmethod
@@ -141,12 +102,73 @@ class _GroupedLinear(torch.autograd.Function):
         x_MK, w_GNK = ctx.saved_tensors
         dy_MN = dy_MN.contiguous()
         dx = grouped_mm_dx(dy_MN, w_GNK, ctx.counts) if ctx.needs_input_grad[0] else None
-        ctx.owner._defer_wgrad(ctx.which, dy_MN, x_MK, ctx.counts)
+        ctx.owner._defer_wgrad(ctx.key, dy_MN, x_MK, ctx.counts)
         return dx, None, None, None, None, None
 
 
+class SlotView:
+    """This rank's slot weights as one virtual `[S/P, N, K]` tensor: row j is what local slot j computes with.
+
+    Rows are the home parameter's rows or replica-buffer rows, never copies. Indexing one row returns a
+    view; `detach()`/`clone()` materialise the whole stack (for inspection and tests). `index_copy_`
+    *stages* new contents for some local slots; the next `MoELayer.set_placement(refresh="none")` takes
+    them (the EPLB rebalancer's commit writes the migrated rows this way, then switches the maps).
+    """
+
+    def __init__(self, experts: SlotExperts, which: int) -> None:
+        self._experts, self._which = experts, which
+
+    @property
+    def _home(self) -> Tensor:
+        return self._experts.homes()[self._which]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (the homes')."""
+        return self._home.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The weights' device."""
+        return self._home.device
+
+    @property
+    def shape(self) -> torch.Size:
+        """[S/P, N, K]."""
+        return torch.Size((self._experts.num_local_slots, *self._home.shape[1:]))
+
+    def element_size(self) -> int:
+        """Bytes per element."""
+        return self._home.element_size()
+
+    def __len__(self) -> int:
+        return self._experts.num_local_slots
+
+    def __getitem__(self, slot: int) -> Tensor:
+        return self._experts.slot_weight(self._which, int(slot))
+
+    def new_empty(self, size: Sequence[int]) -> Tensor:
+        """An uninitialised tensor of the weights' dtype and device."""
+        return self._home.new_empty(tuple(size))
+
+    def detach(self) -> Tensor:
+        """All S/P slot rows stacked (a copy)."""
+        return torch.stack([self[j].detach() for j in range(len(self))])
+
+    def clone(self) -> Tensor:
+        """Same as `detach()`: a fresh tensor."""
+        return self.detach()
+
+    def index_copy_(self, dim: int, index: Tensor, source: Tensor) -> SlotView:
+        """Stage `source[i]` as the new contents of local slot `index[i]` (for the next placement switch)."""
+        if dim != 0:
+            raise ValueError(f"SlotView.index_copy_ stages whole slots (dim 0); got dim={dim}")
+        self._experts.stage_slot_rows(self._which, [int(j) for j in index.tolist()], source)
+        return self
+
+
 class SlotExperts(nn.Module):
-    """This rank's home experts (trainable) and its slot copies (buffers) with grouped SwiGLU compute.
+    """This rank's home experts (trainable), replica buffers for remote experts, grouped SwiGLU compute.
 
     Args:
         num_experts: E logical experts of the layer.
@@ -170,24 +192,67 @@ class SlotExperts(nn.Module):
             # DeepSpeed's expert marks (deepspeed.moe.utils.is_moe_param): reduce over expert-DP only.
             p.allreduce = False
             p.group_name = expert_group_name(ep_size)
-        self.register_buffer("slot_gate_up", torch.zeros(self.num_local_slots, 2 * i, h, **kw), persistent=False)
-        self.register_buffer("slot_down", torch.zeros(self.num_local_slots, h, i, **kw), persistent=False)
+        self.layout: SlotLayout = slot_layout(Placement.identity(num_experts, num_slots, num_ranks=ep_size), 0)
+        self.register_buffer("replica_gate_up", torch.zeros(self.layout.num_replicas, 2 * i, h, **kw),
+                             persistent=False)
+        self.register_buffer("replica_down", torch.zeros(self.layout.num_replicas, h, i, **kw), persistent=False)
         self._queue: WeightGradQueue | None = None
-        self._slot_grads: list[Tensor | None] = [None, None]
+        self._replica_grads: list[Tensor | None] = [None, None]
+        self._staged: dict[int, dict[int, Tensor]] = {0: {}, 1: {}}
         self._pending_wgrad = 0
-        self._dirty = False  # slot grads hold data not yet reduced into the homes
+        self._dirty = False  # replica grads hold data not yet sent home
+        self._home_touched = [False, False]  # the homes' .grad got a contribution since the last reduce
         self._anchor: Tensor | None = None
 
-    # ---- compute -----------------------------------------------------------------------------
-    def forward(self, x_MH: Tensor, tokens_per_local_slot: Sequence[int]) -> Tensor:
-        """SwiGLU of each row with its slot's expert; rows come grouped by local slot."""
-        counts = tuple(int(n) for n in tokens_per_local_slot)
+    # ---- views --------------------------------------------------------------------------------------
+    def homes(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """(gate_up_proj, down_proj)."""
+        return self.gate_up_proj, self.down_proj
+
+    def replicas(self) -> tuple[Tensor, Tensor]:
+        """(replica_gate_up, replica_down): rows of `layout.replica_experts`."""
+        return self.replica_gate_up, self.replica_down
+
+    @property
+    def slot_gate_up(self) -> SlotView:
+        """The gate/up weights of the S/P local slots (a `SlotView`: aliases, not a buffer)."""
+        return SlotView(self, 0)
+
+    @property
+    def slot_down(self) -> SlotView:
+        """The down weights of the S/P local slots (a `SlotView`)."""
+        return SlotView(self, 1)
+
+    def slot_weight(self, which: int, slot: int) -> Tensor:
+        """The [N, K] weight local `slot` computes with (0: gate/up, 1: down): a home row or a replica row."""
+        expert = self.layout.local_experts[slot]
+        local = expert - self.layout.ep_rank * self.num_home
+        if 0 <= local < self.num_home:
+            return self.homes()[which][local]
+        return self.replicas()[which][self.layout.replica_experts.index(expert)]
+
+    # ---- compute ------------------------------------------------------------------------------------
+    def forward(self, x_MH: Tensor, rows_per_position: Sequence[int]) -> Tensor:
+        """SwiGLU of each row with its slot's expert; rows come grouped by compute position (`SlotLayout`)."""
+        home_counts, replica_counts = self.layout.group_counts(rows_per_position)
+        num_home_rows = sum(home_counts)
         anchor = self._grad_anchor(x_MH.device)
-        x_MH = x_MH.to(self.slot_gate_up.dtype)
+        x_MH = x_MH.to(self.gate_up_proj.dtype)
         with record_function("dualmoe/moe/experts"):
-            h_M2I = _GroupedLinear.apply(x_MH, self.slot_gate_up, anchor, counts, self, 0)
-            gate, up = h_M2I.chunk(2, dim=-1)
-            return _GroupedLinear.apply(F.silu(gate) * up, self.slot_down, anchor, counts, self, 1)
+            if num_home_rows == x_MH.shape[0]:  # R = 0 identity: all rows use the homes, no split or cat
+                return self._swiglu(x_MH, HOME, tuple(home_counts), anchor)
+            if num_home_rows == 0:
+                return self._swiglu(x_MH, REPLICA, tuple(replica_counts), anchor)
+            x_home, x_replica = x_MH.split([num_home_rows, x_MH.shape[0] - num_home_rows])
+            return torch.cat([self._swiglu(x_home, HOME, tuple(home_counts), anchor),
+                              self._swiglu(x_replica, REPLICA, tuple(replica_counts), anchor)])
+
+    def _swiglu(self, x_MH: Tensor, part: int, counts: tuple[int, ...], anchor: Tensor) -> Tensor:
+        gate_up, down = self.homes() if part == HOME else self.replicas()
+        # Detached: the homes never enter the autograd graph (their dW arrives through the W queue).
+        h_M2I = _GroupedLinear.apply(x_MH, gate_up.detach(), anchor, counts, self, (part, 0))
+        gate, up = h_M2I.chunk(2, dim=-1)
+        return _GroupedLinear.apply(F.silu(gate) * up, down.detach(), anchor, counts, self, (part, 1))
 
     def _grad_anchor(self, device: torch.device) -> Tensor:
         # A leaf that requires grad makes autograd call the GEMM backward (and so produce dW) even when
@@ -200,56 +265,103 @@ class SlotExperts(nn.Module):
         """Defer dW through `queue` (the engine's zero-bubble W split); None computes dW inline."""
         self._queue = queue
 
-    def _defer_wgrad(self, which: int, dy_MN: Tensor, x_MK: Tensor, counts: tuple[int, ...]) -> None:
+    def _defer_wgrad(self, key: tuple[int, int], dy_MN: Tensor, x_MK: Tensor, counts: tuple[int, ...]) -> None:
+        part, which = key
         self._pending_wgrad += 1
 
         def weight_grad() -> None:
             with record_function("dualmoe/moe/experts_wgrad"):
-                grouped_wgrad_(self._slot_grad(which), dy_MN, x_MK, counts)
+                if part == HOME:
+                    _accumulate_home_wgrad(self.homes()[which], dy_MN, x_MK, counts)
+                    self._home_touched[which] = True
+                else:
+                    grouped_wgrad_(self._replica_grad(which), dy_MN, x_MK, counts)
+                    self._dirty = True
             self._pending_wgrad -= 1
-            self._dirty = True
 
         defer_or_run(self._queue, weight_grad, (dy_MN, x_MK))
 
-    def _slot_grad(self, which: int) -> Tensor:
-        grad = self._slot_grads[which]
-        slot = self.slot_gate_up if which == 0 else self.slot_down
-        if grad is None or grad.device != slot.device or grad.shape != slot.shape:
-            # Accumulate in fp32 when the weights are 16-bit: slot grads sum micro-batches and replicas.
-            dtype = torch.float32 if slot.element_size() < 4 else slot.dtype
-            grad = torch.zeros(slot.shape, dtype=dtype, device=slot.device)
-            self._slot_grads[which] = grad
+    def _replica_grad(self, which: int) -> Tensor:
+        grad = self._replica_grads[which]
+        rows = self.replicas()[which]
+        # Accumulate in fp32 when the weights are 16-bit: replica grads sum micro-batches before going home.
+        dtype = torch.float32 if rows.element_size() < 4 else rows.dtype
+        if grad is None or grad.device != rows.device or grad.shape != rows.shape or grad.dtype != dtype:
+            grad = torch.zeros(rows.shape, dtype=dtype, device=rows.device)
+            self._replica_grads[which] = grad
         return grad
 
-    # ---- homes <-> slots -------------------------------------------------------------------------
-    def slots_match_homes(self) -> bool:
-        """Slot buffers have the homes' dtype and device (not so after e.g. DeepSpeed casts parameters only)."""
-        return all(s.dtype == h.dtype and s.device == h.device
-                   for s, h in ((self.slot_gate_up, self.gate_up_proj), (self.slot_down, self.down_proj)))
+    # ---- layout and replica buffers ---------------------------------------------------------------
+    def stage_slot_rows(self, which: int, local_slots: Sequence[int], rows: Tensor) -> None:
+        """Stage new contents of local slots (0: gate/up, 1: down) for the next `set_layout`."""
+        for j, slot in enumerate(local_slots):
+            self._staged[which][slot] = rows[j]
+
+    def missing_replicas(self, layout: SlotLayout) -> tuple[int, ...]:
+        """Remote experts `layout` needs that neither the current replicas nor staged rows provide."""
+        staged = {layout.local_experts[s] for s in self._staged[0]} & {layout.local_experts[s] for s in self._staged[1]}
+        held = set(self.layout.replica_experts) if self.layout.ep_rank == layout.ep_rank else set()
+        return tuple(x for x in layout.replica_experts if x not in held and x not in staged)
+
+    @torch.no_grad()
+    def set_layout(self, layout: SlotLayout) -> None:
+        """Compute with `layout` from now on; replica rows come from staged rows or the current replicas.
+
+        Rows of neither kind (see `missing_replicas`) are zeros until a refresh fills them. Call between
+        steps (no replica gradients pending).
+        """
+        same_rank = layout.ep_rank == self.layout.ep_rank
+        old_row = {x: r for r, x in enumerate(self.layout.replica_experts)} if same_rank else {}
+        new_buffers = []
+        for which, old in enumerate(self.replicas()):
+            new = old.new_zeros((layout.num_replicas, *old.shape[1:]))
+            staged = {layout.local_experts[s]: row for s, row in self._staged[which].items()}
+            for r, expert in enumerate(layout.replica_experts):
+                if expert in staged:
+                    new[r].copy_(staged[expert])
+                elif expert in old_row:
+                    new[r].copy_(old[old_row[expert]])
+            new_buffers.append(new)
+        self.replica_gate_up, self.replica_down = new_buffers
+        self._replica_grads = [None, None]
+        self._staged = {0: {}, 1: {}}
+        self.layout = layout
+
+    def replicas_match_homes(self) -> bool:
+        """Replica buffers have the homes' dtype and device (not so after e.g. DeepSpeed casts parameters only)."""
+        return all(r.dtype == h.dtype and r.device == h.device for r, h in zip(self.replicas(), self.homes()))
 
     def match_homes(self) -> None:
-        """Reallocate the slot buffers (zeros) with the homes' dtype and device; a full refresh must follow."""
-        for name, home in (("slot_gate_up", self.gate_up_proj), ("slot_down", self.down_proj)):
-            slot = getattr(self, name)
-            setattr(self, name, torch.zeros(slot.shape, dtype=home.dtype, device=home.device))
+        """Reallocate the replica buffers (zeros) with the homes' dtype and device; a refresh must follow."""
+        self.replica_gate_up, self.replica_down = (torch.zeros(r.shape, dtype=h.dtype, device=h.device)
+                                                   for r, h in zip(self.replicas(), self.homes()))
 
     @torch.no_grad()
-    def refresh_slots(self, exchange: SlotExchange, group: dist.ProcessGroup | None) -> None:
-        """Copy home weights into the slots named by `exchange` (collective over `group`)."""
-        with record_function("dualmoe/moe/refresh_slots"):
-            for home, slot in ((self.gate_up_proj, self.slot_gate_up), (self.down_proj, self.slot_down)):
-                index = torch.tensor(exchange.home_index, dtype=torch.long, device=home.device)
-                rows = all_to_all_rows(home.detach().index_select(0, index), list(exchange.send_counts),
-                                       list(exchange.recv_counts), group)
-                slot_index = torch.tensor(exchange.slot_index, dtype=torch.long, device=slot.device)
-                slot.index_copy_(0, slot_index, rows.to(slot.dtype))
+    def refresh_replicas(self, exchange: ReplicaExchange, group: dist.ProcessGroup | None) -> None:
+        """Copy home weights into the replica rows named by `exchange` (collective over `group`)."""
+        _check_group(exchange, group, "refresh_replicas")
+        with record_function("dualmoe/moe/refresh_replicas"):
+            for home, buffer in zip(self.homes(), self.replicas()):
+                index = torch.tensor(exchange.send_index, dtype=torch.long, device=home.device)
+                send = home.detach().index_select(0, index)
+                if group is not None and exchange.fills_all and buffer.is_contiguous():
+                    # The received rows are the whole buffer in order: receive in place, no extra copy.
+                    dist.all_to_all_single(buffer, send, list(exchange.recv_counts), list(exchange.send_counts),
+                                           group=group)
+                    continue
+                rows = all_to_all_rows(send, list(exchange.send_counts), list(exchange.recv_counts), group)
+                slot_index = torch.tensor(exchange.recv_index, dtype=torch.long, device=buffer.device)
+                buffer.index_copy_(0, slot_index, rows.to(buffer.dtype))
 
     @torch.no_grad()
-    def reduce_slot_grads(self, exchange: SlotExchange, group: dist.ProcessGroup | None) -> list[nn.Parameter]:
-        """Sum every slot's gradient into its home's `.grad` (collective), then zero the slot grads.
+    def reduce_slot_grads(self, group: dist.ProcessGroup | None) -> list[nn.Parameter]:
+        """Send replica gradients home and add them into the homes' `.grad` (collective when `group`).
+
+        Home rows already accumulated their dW during backward; a home that got no gradient at all this
+        step gets a zero `.grad`, so every rank of the expert-data-parallel group reduces the same tensors.
 
         Returns:
-            The home parameters whose `.grad` was written (always both, zeros when no token came).
+            The home parameters (both; their `.grad` may already have been handed to the optimizer).
 
         Raises:
             RuntimeError: deferred weight-grad work of this layer has not run yet.
@@ -257,19 +369,39 @@ class SlotExperts(nn.Module):
         if self._pending_wgrad:
             raise RuntimeError(f"{self._pending_wgrad} deferred expert weight grads are still queued; run the "
                                "weight-grad queue (W actions) before reducing slot gradients")
+        exchange = self.layout.exchange
+        _check_group(exchange, group, "reduce_slot_grads")
         with record_function("dualmoe/moe/reduce_slot_grads"):
-            for which, home in enumerate((self.gate_up_proj, self.down_proj)):
-                slot_grad = self._slot_grad(which)
-                index = torch.tensor(exchange.slot_index, dtype=torch.long, device=slot_grad.device)
-                rows = all_to_all_rows(slot_grad.index_select(0, index), list(exchange.recv_counts),
-                                       list(exchange.send_counts), group)
-                home_index = torch.tensor(exchange.home_index, dtype=torch.long, device=home.device)
-                summed = torch.zeros(home.shape, dtype=rows.dtype, device=home.device).index_add_(0, home_index, rows)
-                accumulate_grad(home, summed)
-                slot_grad.zero_()
+            for which, home in enumerate(self.homes()):
+                if exchange.any_rows:
+                    self._send_replica_grads_home(which, home, exchange, group)
+                if not self._home_touched[which] and home.grad is None:
+                    home.grad = torch.zeros_like(home)
+                if self._replica_grads[which] is not None:
+                    self._replica_grads[which].zero_()
         self._dirty = False
-        return [self.gate_up_proj, self.down_proj]
+        self._home_touched = [False, False]
+        return list(self.homes())
+
+    def _send_replica_grads_home(self, which: int, home: nn.Parameter, exchange: ReplicaExchange,
+                                 group: dist.ProcessGroup | None) -> None:
+        grad = self._replica_grad(which)
+        send = grad if exchange.fills_all else grad.index_select(
+            0, torch.tensor(exchange.recv_index, dtype=torch.long, device=grad.device))
+        rows = all_to_all_rows(send, list(exchange.recv_counts), list(exchange.send_counts), group)
+        if rows.shape[0] == 0:
+            return
+        # Sum each home row's contributions at the received precision, then add once into .grad.
+        unique = sorted(set(exchange.send_index))
+        row_of = {h: i for i, h in enumerate(unique)}
+        inverse = torch.tensor([row_of[h] for h in exchange.send_index], dtype=torch.long, device=rows.device)
+        summed = rows.new_zeros((len(unique), *rows.shape[1:])).index_add_(0, inverse, rows)
+        if home.grad is None:
+            home.grad = torch.zeros_like(home)
+        home.grad.index_add_(0, torch.tensor(unique, dtype=torch.long, device=home.device),
+                             summed.to(home.grad.dtype))
+        self._home_touched[which] = True
 
     def has_slot_grads(self) -> bool:
-        """True when a backward has produced slot gradients not yet reduced into the homes."""
-        return self._dirty or self._pending_wgrad > 0
+        """True from a backward (or queued W work) until `reduce_slot_grads` closes the step's accumulation."""
+        return self._dirty or self._pending_wgrad > 0 or any(self._home_touched)

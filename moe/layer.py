@@ -3,20 +3,23 @@
 Legend: T tokens, D hidden size, K top_k, E logical experts, S slots, X max replicas, N = T*K.
 
     x_TD -> gate -> topk_ids_TK (logical), topk_weights_TK
-         -> choose_replica_slots -> slot_ids_TK (physical)
+         -> choose_replica_slots -> position_TK (the chosen slot's compute position, `SlotLayout`)
          -> dispatch (sort, all-to-all) -> SlotExperts (grouped SwiGLU) -> combine (all-to-all, unsort)
          -> sum_k w_tk * y_tk  (+ shared_experts(x_TD))  -> y_TD
 
+Slots on their expert's home rank compute with the home parameter itself and put their dW straight
+into its `.grad`; only slots holding another rank's expert use replica buffers (see `SlotExperts`).
+
 Step-boundary contract (see `dualmoe.moe.hooks`, which drives it for a DeepSpeed engine):
   1. after the last backward of a step and before gradients are reduced: `reduce_slot_grads()`
-     (slot gradients -> summed into the home parameters' `.grad`),
-  2. after the optimizer step: `refresh_slots()` (home weights -> slot buffers), and
-     `update_bias(load_E)` with the step's globally reduced counts (`LoadStats.step()`).
+     (replica gradients -> summed into their homes' `.grad`; nothing to send with R = 0),
+  2. after the optimizer step: `refresh_slots()` (home weights -> replica buffers; nothing with R = 0),
+     and `update_bias(load_E)` with the step's globally reduced counts (`LoadStats.step()`).
 Because replicas are copies refreshed from one home and their gradients are summed before the step,
 training with R > 0 redundant slots is the same function as with R = 0.
 
-Rebalancing (the EPLB rebalancer): between steps, `set_placement(new)` swaps the maps and rewrites the
-changed slot buffers from the homes; no parameter or optimizer state moves.
+Rebalancing (the EPLB rebalancer): between steps, `set_placement(new)` swaps the maps and fetches the
+replicas a rank did not hold before from their homes; no parameter or optimizer state moves.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from torch.profiler import record_function
 from .config import MoEConfig
 from .dispatch import TokenDispatcher, choose_replica_slots
 from .experts import SlotExperts, expert_group_name
-from .placement import Placement, slot_exchange, slots_are_home_local
+from .placement import Placement, ReplicaExchange, SlotLayout, replica_exchange, slot_layout
 from .router import Router
 
 __all__ = ["MoELayer", "SharedExperts"]
@@ -111,7 +114,6 @@ class MoELayer(nn.Module):
         self.dispatcher = TokenDispatcher(num_slots=s)
         self.register_buffer("tokens_per_expert", torch.zeros(e, dtype=torch.long, device=device), persistent=False)
         self.placement = Placement.identity(e, s, num_ranks=ep)
-        self._write_maps(device)
         self.aux_loss_grad_scale = 1.0
         self.aux_loss: Tensor | None = None
         self._init = (init_std, int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed)
@@ -121,8 +123,8 @@ class MoELayer(nn.Module):
         self.ep_group: dist.ProcessGroup | None = None
         self.stats_group = stats_group
         self.ep_rank = self._guess_ep_rank()
-        self._exchange = slot_exchange(self.placement, self.ep_rank)
-        self._home_local = slots_are_home_local(self.placement)
+        self.experts.set_layout(slot_layout(self.placement, self.ep_rank))
+        self._write_maps(device)
         self._groups_ready = ep == 1
         self._init_experts()
         if ep_group is not None:
@@ -173,8 +175,9 @@ class MoELayer(nn.Module):
         self.dispatcher.set_group(self.ep_group)
         if rank != self.ep_rank:
             self.ep_rank = rank
+            self.experts.set_layout(slot_layout(self.placement, rank))
+            self._write_maps()
             self._init_experts()
-        self._exchange = slot_exchange(self.placement, self.ep_rank)
         self._groups_ready = True
         self._slots_stale = True
 
@@ -226,30 +229,40 @@ class MoELayer(nn.Module):
         self._slots_stale = True
 
     # ---- placement and slots ----------------------------------------------------------------------
+    @property
+    def layout(self) -> SlotLayout:
+        """This rank's `SlotLayout` (compute positions, replica rows, exchange) of the current placement."""
+        return self.experts.layout
+
     def _write_maps(self, device: torch.device | str | None = None) -> None:
-        p = self.placement
+        p, position = self.placement, self.experts.layout.position_of_slot
         dev = device if device is not None else self.tokens_per_expert.device
         self.register_buffer("physical_to_logical", torch.tensor(p.physical_to_logical, device=dev),
                              persistent=False)
         self.register_buffer("logical_to_physical", torch.tensor(p.logical_to_physical, device=dev),
                              persistent=False)
+        # The dispatcher routes by compute position: the same slot choice, numbered for the grouped GEMM.
+        l2pos = [[position[s] if s >= 0 else -1 for s in row] for row in p.logical_to_physical]
+        self.register_buffer("logical_to_position", torch.tensor(l2pos, device=dev), persistent=False)
         self.register_buffer("replica_count", torch.tensor(p.replica_count, device=dev), persistent=False)
 
     def set_placement(self, placement: Placement, *,
                       refresh: Literal["changed", "all", "lazy", "none"] = "changed") -> None:
-        """Switch to `placement` (same on every EP rank) and rewrite slot buffers.
+        """Switch to `placement` (same on every EP rank) and fill the replica buffers it needs.
 
         Call between steps: after `reduce_slot_grads` and before the next forward.
 
         Args:
             placement: the new maps.
-            refresh: "changed" copies only the slots whose expert changed (collective), "all" every slot
-                (collective), "lazy" marks all slots stale for the next forward, "none" leaves the slot
-                buffers alone (the caller, e.g. the rebalancer, has already written the new contents).
+            refresh: "changed" fetches only the remote experts a rank did not hold before (collective),
+                "all" every replica (collective), "lazy" marks the replicas stale for the next forward,
+                "none" takes the rows staged through `experts.slot_gate_up/slot_down.index_copy_` (the
+                rebalancer's commit) and the replicas already held, without communication.
 
         Raises:
             PlacementError: a placement of another shape.
-            RuntimeError: slot gradients are pending (not yet reduced into the homes).
+            RuntimeError: slot gradients are pending (not yet reduced into the homes), or "none" while a
+                needed replica is neither held nor staged.
         """
         old = self.placement
         if (placement.num_experts, placement.num_slots, placement.num_ranks) != (
@@ -260,11 +273,14 @@ class MoELayer(nn.Module):
         if self.experts.has_slot_grads():
             raise RuntimeError(f"layer {self.layer_id}: set_placement with unreduced slot gradients; call "
                                "reduce_slot_grads first (placements change only between steps)")
-        changed = old.changed_slots(placement)
+        layout = slot_layout(placement, self.ep_rank)
+        missing = self.experts.missing_replicas(layout)
+        if refresh == "none" and missing and not self._slots_stale:
+            raise RuntimeError(f"layer {self.layer_id}: set_placement(refresh='none') but EP rank {self.ep_rank} "
+                               f"holds no staged or current rows for remote experts {list(missing)}")
+        self.experts.set_layout(layout)
         self.placement = placement
         self._write_maps()
-        self._exchange = slot_exchange(placement, self.ep_rank)
-        self._home_local = slots_are_home_local(placement)
         if refresh == "none":
             return
         if refresh == "lazy" or self._slots_stale:
@@ -272,28 +288,31 @@ class MoELayer(nn.Module):
         elif refresh == "all":
             self.refresh_slots()
         else:
-            self.refresh_slots(slots=changed)
+            self._fetch_replicas(replica_exchange(placement, self.ep_rank, held=old))
 
-    def refresh_slots(self, *, slots: tuple[int, ...] | None = None) -> None:
-        """Copy home weights into slot buffers (all, or only global `slots`); collective over EP."""
+    def refresh_slots(self) -> None:
+        """Copy home weights into every replica buffer row (collective over EP; nothing to do with R = 0)."""
         self._check_groups()
-        if not self.experts.slots_match_homes():
+        if not self.experts.replicas_match_homes():
             self.experts.match_homes()
-            slots = None  # fresh buffers: every slot needs its weights
-        exchange = self._exchange if slots is None else slot_exchange(self.placement, self.ep_rank, slots=slots)
-        self.experts.refresh_slots(exchange, self._exchange_group())
-        if slots is None:
-            self._slots_stale = False
+        self._fetch_replicas(self.experts.layout.exchange)
+        self._slots_stale = False
         self._home_versions = self._versions()
 
-    def reduce_slot_grads(self) -> list[nn.Parameter]:
-        """Sum slot gradients into the home parameters' `.grad` (collective over EP); zero the slots."""
-        self._check_groups()
-        return self.experts.reduce_slot_grads(self._exchange, self._exchange_group())
+    def _fetch_replicas(self, exchange: ReplicaExchange) -> None:
+        # No collective when no rank needs a row (decided identically on every rank).
+        if exchange.any_rows:
+            self.experts.refresh_replicas(exchange, self.ep_group)
 
-    def _exchange_group(self) -> dist.ProcessGroup | None:
-        # No collective when no slot is away from its home (decided identically on every rank).
-        return None if self._home_local else self.ep_group
+    def reduce_slot_grads(self) -> list[nn.Parameter]:
+        """Sum replica gradients into their homes' `.grad` (collective over EP when replicas exist).
+
+        Returns:
+            The home parameters (their `.grad` holds this rank's full expert gradient, or was already
+            handed to the optimizer by the engine's per-micro-batch hook work).
+        """
+        self._check_groups()
+        return self.experts.reduce_slot_grads(self.ep_group if self.experts.layout.any_remote else None)
 
     def _versions(self) -> tuple[int, ...]:
         return (self.experts.gate_up_proj._version, self.experts.down_proj._version)
@@ -326,10 +345,10 @@ class MoELayer(nn.Module):
             routed = self.gate(x_TD, num_sequences=num_seq)
             if self.training:
                 self.tokens_per_expert.add_(torch.bincount(routed.topk_ids.reshape(-1), minlength=self.num_experts))
-            slot_ids_TK = choose_replica_slots(routed.topk_ids, self.logical_to_physical, self.replica_count,
+            position_TK = choose_replica_slots(routed.topk_ids, self.logical_to_position, self.replica_count,
                                                rotation=self.ep_rank)
         d = self.dispatcher
-        x_ND, state = d.dispatch_preprocess(x_TD, slot_ids_TK)
+        x_ND, state = d.dispatch_preprocess(x_TD, position_TK)
         x_MD = d.dispatch_postprocess(d.token_dispatch(x_ND, state), state)
         y_MD = self.experts(x_MD, state.tokens_per_local_slot)
         y_ND = d.token_combine(d.combine_preprocess(y_MD, state), state)
@@ -344,9 +363,9 @@ class MoELayer(nn.Module):
 
     def _before_forward(self) -> None:
         self._check_groups()
-        if self._slots_stale or not self.experts.slots_match_homes():
+        if self._slots_stale or not self.experts.replicas_match_homes():
             self.refresh_slots()
-        elif self.training and self._versions() != self._home_versions:
+        elif self.training and self.experts.layout.any_remote and self._versions() != self._home_versions:
             warn_once(logger, "MoE home expert weights changed since the slots were last refreshed; call "
                               "dualmoe.moe.hooks.refresh_slots(model) after every optimizer step (an engine from "
                               "dualmoe.moe.hooks.moe_engine_class does it)")

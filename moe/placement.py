@@ -8,10 +8,13 @@ X = max replicas (width of `logical_to_physical`).
     replica_count       [E]     how many slots hold expert e (>= 1)
 
 Slot s lives on EP rank s // (S/P). Every logical expert's trainable weights live on a fixed *home*
-rank, e // (E/P); slots are copies. `slot_exchange` says which rows each rank sends and receives so
-that (a) refresh: home weights -> slot buffers, and (b) its adjoint, gradient reduction: slot grads
--> summed into home grads, are each one variable-split all-to-all. A rebalance changes only
-`physical_to_logical`; homes (and so optimizer state) never move.
+rank, e // (E/P). A slot on its expert's home rank computes with the home parameter itself; only a
+slot holding another rank's expert needs a copy, in the rank's *replica buffer* (one row per distinct
+remote expert). `slot_layout` orders each rank's slots for the grouped GEMM (homes, then replicas)
+and `replica_exchange` says which rows each rank sends and receives so that (a) refresh: home weights
+-> replica buffers, and (b) its adjoint, gradient reduction: replica grads -> summed into home grads,
+are each one variable-split all-to-all. With R = 0 (or one rank) there is nothing to exchange. A
+rebalance changes only `physical_to_logical`; homes (and so optimizer state) never move.
 
 Plan layer: pure Python integers, no torch at import time, deterministic. The EPLB planner returns
 `physical_to_logical` rows and builds placements with `Placement.from_physical_to_logical`.
@@ -19,13 +22,22 @@ Plan layer: pure Python integers, no torch at import time, deterministic. The EP
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from dualmoe.errors import PlacementError
 
-__all__ = ["Placement", "SlotExchange", "home_rank", "slot_exchange", "slots_are_home_local"]
+__all__ = [
+    "Placement",
+    "ReplicaExchange",
+    "SlotLayout",
+    "home_rank",
+    "remote_experts_by_rank",
+    "replica_exchange",
+    "slot_layout",
+    "slots_are_home_local",
+]
 
 
 def home_rank(expert: int, *, num_experts: int, num_ranks: int) -> int:
@@ -195,69 +207,159 @@ class Placement:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SlotExchange:
-    """One rank's side of the home <-> slot all-to-all (refresh; its adjoint reduces gradients).
+class ReplicaExchange:
+    """One rank's side of the home -> replica all-to-all (refresh); reversed, it sums replica grads into homes.
 
-    Refresh: `send = home[home_index]` split by `send_counts` (per destination EP rank); the received
-    rows, split by `recv_counts` (per source EP rank), go to `slot[slot_index]`. Gradient reduction is
-    the same exchange reversed: `send = slot_grad[slot_index]` split by `recv_counts`, received rows
-    split by `send_counts` are added into `home_grad[home_index]`.
+    Refresh: `send = home[send_index]` split by `send_counts` (per destination EP rank); the received rows,
+    split by `recv_counts` (per source EP rank), go to replica rows `recv_index`. Gradient reduction is the
+    same exchange reversed: `send = replica_grad[recv_index]` split by `recv_counts`; the received rows, split
+    by `send_counts`, are added into `home_grad[send_index]`.
     """
 
-    home_index: tuple[int, ...]
-    """Local home rows to send (index into this rank's E/P home experts), grouped by destination."""
+    send_index: tuple[int, ...]
+    """Local home rows (index into this rank's E/P homes) to send, grouped by destination rank."""
     send_counts: tuple[int, ...]
     """[P] rows sent to each EP rank."""
-    slot_index: tuple[int, ...]
-    """Local slots to fill (index into this rank's S/P slots), grouped by source rank."""
+    recv_index: tuple[int, ...]
+    """Replica rows (index into this rank's replica buffer) to fill, grouped by source rank."""
     recv_counts: tuple[int, ...]
     """[P] rows received from each EP rank."""
+    any_rows: bool
+    """Some rank of the group sends a row: the collective is needed (the same answer on every rank)."""
+
+    @property
+    def fills_all(self) -> bool:
+        """True when the received rows are the whole replica buffer in order (written without an index)."""
+        return self.recv_index == tuple(range(len(self.recv_index)))
 
 
-def slot_exchange(placement: Placement, ep_rank: int, *, slots: Iterable[int] | None = None) -> SlotExchange:
-    """The rows `ep_rank` sends and receives to copy home experts into slots.
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlotLayout:
+    """How one EP rank computes its slots: home experts in place, other ranks' experts from replica buffers.
 
-    Every rank derives its side from the same placement, so pairs match: rank r sends rank q one row
-    per slot of q (in q's slot order) whose expert is homed at r, and q receives them in that order.
+    Rows arrive at a rank grouped by *compute position*, a permutation of its S/P local slots: first the
+    slots holding this rank's home experts (by home index, replicas of one home side by side), then the
+    slots holding remote experts (by expert id, so grouped by home rank). A position's *group* is the
+    weight it uses: a home row h in [0, E/P), or replica row E/P + r. So the grouped GEMM of the home
+    part runs on the trainable home parameter itself (no copy, its dW lands in the home's `.grad`), and
+    only remote experts have replica buffers, refreshed by `exchange` after each optimizer step.
+    """
+
+    ep_rank: int
+    """The rank this layout is for."""
+    num_home: int
+    """E/P home experts per rank."""
+    position_of_slot: tuple[int, ...]
+    """[S] global compute position of every slot (slot s keeps its rank: position // (S/P) = s // (S/P))."""
+    local_experts: tuple[int, ...]
+    """[S/P] logical expert of each local slot, in slot order."""
+    group_of_position: tuple[int, ...]
+    """[S/P] weight group of each local position (non-decreasing): home index, or E/P + replica index."""
+    replica_experts: tuple[int, ...]
+    """[R_local] distinct remote logical experts held here, ascending (= grouped by home rank)."""
+    exchange: ReplicaExchange
+    """The full refresh of every replica of every rank."""
+
+    @property
+    def num_replicas(self) -> int:
+        """Distinct remote experts held on this rank (rows of the replica buffers)."""
+        return len(self.replica_experts)
+
+    @property
+    def any_remote(self) -> bool:
+        """Some rank of the group holds a remote expert: refresh and reduce need the collective."""
+        return self.exchange.any_rows
+
+    def group_counts(self, rows_per_position: Sequence[int]) -> tuple[list[int], list[int]]:
+        """Rows per home expert [E/P] and per replica [R_local] from the rows per local position."""
+        home, replica = [0] * self.num_home, [0] * self.num_replicas
+        for group, rows in zip(self.group_of_position, rows_per_position, strict=True):
+            if group < self.num_home:
+                home[group] += int(rows)
+            else:
+                replica[group - self.num_home] += int(rows)
+        return home, replica
+
+
+def remote_experts_by_rank(placement: Placement) -> tuple[tuple[int, ...], ...]:
+    """[P] per EP rank: the distinct logical experts its slots hold whose home is another rank, ascending."""
+    per_home = _per_home(placement)
+    return tuple(tuple(sorted({x for x in placement.experts_on_rank(q) if x // per_home != q}))
+                 for q in range(placement.num_ranks))
+
+
+def replica_exchange(placement: Placement, ep_rank: int, *, held: Placement | None = None) -> ReplicaExchange:
+    """The rows `ep_rank` sends and receives to fill replica buffers from the homes.
+
+    Every rank derives its side from the same placements, so pairs match: rank r sends rank q, in q's
+    replica order, the rows of r's homes that q holds as replicas; q receives them source by source.
 
     Args:
         placement: the layer's placement.
         ep_rank: this rank's index in the EP group.
-        slots: restrict to these global slots (e.g. `old.changed_slots(new)` for a cheap rebalance);
-            default all slots.
+        held: a previous placement whose replicas every rank still holds (e.g. the one before a
+            rebalance): those rows are not sent again. Default: refresh every replica.
     """
-    e, p, n = placement.num_experts, placement.num_ranks, placement.slots_per_rank
-    per_home = e // p
-    if e % p:
-        raise PlacementError(f"num_experts={e} must be divisible by the EP size {p} for home experts")
-    wanted = set(range(placement.num_slots)) if slots is None else {int(s) for s in slots}
-    home_index: list[int] = []
+    p, per_home = placement.num_ranks, _per_home(placement)
+    wanted = remote_experts_by_rank(placement)
+    old = remote_experts_by_rank(held) if held is not None else tuple(() for _ in range(p))
+    needed = [[x for x in wanted[q] if x not in set(old[q])] for q in range(p)]
+    send_index: list[int] = []
     send_counts = [0] * p
     for dest in range(p):
-        for slot in range(dest * n, (dest + 1) * n):
-            x = placement.physical_to_logical[slot]
-            if slot in wanted and x // per_home == ep_rank:
-                home_index.append(x - ep_rank * per_home)
-                send_counts[dest] += 1
-    slot_index: list[int] = []
-    recv_counts = [0] * p
-    mine = range(ep_rank * n, (ep_rank + 1) * n)
-    for src in range(p):
-        for slot in mine:
-            if slot in wanted and placement.physical_to_logical[slot] // per_home == src:
-                slot_index.append(slot - ep_rank * n)
-                recv_counts[src] += 1
-    return SlotExchange(home_index=tuple(home_index), send_counts=tuple(send_counts),
-                        slot_index=tuple(slot_index), recv_counts=tuple(recv_counts))
+        rows = [x - ep_rank * per_home for x in needed[dest] if x // per_home == ep_rank]
+        send_index.extend(rows)
+        send_counts[dest] = len(rows)
+    position = {x: r for r, x in enumerate(wanted[ep_rank])}
+    recv_index = [position[x] for x in needed[ep_rank]]  # ascending experts: already grouped by source
+    recv_counts = [sum(1 for x in needed[ep_rank] if x // per_home == src) for src in range(p)]
+    return ReplicaExchange(send_index=tuple(send_index), send_counts=tuple(send_counts),
+                           recv_index=tuple(recv_index), recv_counts=tuple(recv_counts),
+                           any_rows=any(needed))
+
+
+def slot_layout(placement: Placement, ep_rank: int) -> SlotLayout:
+    """`SlotLayout` of `ep_rank` under `placement` (pure; identical inputs give identical layouts).
+
+    Raises:
+        PlacementError: num_experts not divisible by the EP size, or ep_rank out of range.
+    """
+    p, n, per_home = placement.num_ranks, placement.slots_per_rank, _per_home(placement)
+    if not 0 <= ep_rank < p:
+        raise PlacementError(f"ep_rank={ep_rank} is outside the {p} ranks of the placement")
+    p2l = placement.physical_to_logical
+    position_of_slot = [0] * placement.num_slots
+    mine: list[int] = []
+    for q in range(p):
+        # Homes first (by expert), then remote experts (by expert, i.e. by home rank); ties by slot.
+        ordered = sorted(range(q * n, (q + 1) * n), key=lambda s, q=q: (p2l[s] // per_home != q, p2l[s], s))
+        for j, slot in enumerate(ordered):
+            position_of_slot[slot] = q * n + j
+        if q == ep_rank:
+            mine = ordered
+    replicas = remote_experts_by_rank(placement)[ep_rank]
+    replica_row = {x: r for r, x in enumerate(replicas)}
+    groups = tuple(p2l[s] - ep_rank * per_home if p2l[s] // per_home == ep_rank else per_home + replica_row[p2l[s]]
+                   for s in mine)
+    return SlotLayout(ep_rank=ep_rank, num_home=per_home, position_of_slot=tuple(position_of_slot),
+                      local_experts=placement.experts_on_rank(ep_rank), group_of_position=groups,
+                      replica_experts=replicas, exchange=replica_exchange(placement, ep_rank))
 
 
 def slots_are_home_local(placement: Placement) -> bool:
-    """True when every slot sits on its expert's home rank (R = 0 identity): no exchange crosses ranks.
+    """True when every slot sits on its expert's home rank (R = 0 identity, or one rank): nothing to exchange.
 
     Every rank computes the same answer from the same placement, so all can skip the collective together.
     """
-    per_home = placement.num_experts // placement.num_ranks
+    per_home = _per_home(placement)
     return all(x // per_home == placement.rank_of_slot(s) for s, x in enumerate(placement.physical_to_logical))
+
+
+def _per_home(placement: Placement) -> int:
+    e, p = placement.num_experts, placement.num_ranks
+    if e % p:
+        raise PlacementError(f"num_experts={e} must be divisible by the EP size {p} for home experts")
+    return e // p
 
 
 def _slots_by_expert(physical_to_logical: Sequence[int], num_experts: int) -> list[list[int]]:

@@ -195,7 +195,7 @@ def test_layer_ep4_and_ep2_dp2_with_replicas_equal_reference() -> None:
     _check(run_ranks(_cases, world_size=4, args=(cases,), timeout_s=150))
 
 
-def test_layer_bf16_runs_close_to_fp32_and_accumulates_slot_grads_in_fp32() -> None:
+def test_layer_bf16_runs_close_to_fp32_and_keeps_no_copy_of_home_experts() -> None:
     cfg = moe_config(r=2)
     ref = reference_layer(cfg)
     lo = MoELayer(cfg, hidden_size=HIDDEN, ffn_hidden_size=FFN, dtype=torch.bfloat16)
@@ -209,6 +209,9 @@ def test_layer_bf16_runs_close_to_fp32_and_accumulates_slot_grads_in_fp32() -> N
     assert y_lo.dtype == torch.bfloat16
     assert max_diff(y_lo, y_hi) < 0.05 * float(y_hi.detach().abs().max())
     y_lo.float().sum().backward()
-    assert lo.experts._slot_grads[0].dtype == torch.float32
-    lo.reduce_slot_grads()
+    # One rank: every slot (replicas included) computes with its home parameter; grads are the parameter's.
+    assert lo.experts.replica_gate_up.numel() == 0 and lo.experts._replica_grads == [None, None]
     assert lo.experts.gate_up_proj.grad.dtype == torch.bfloat16
+    before = lo.experts.gate_up_proj.grad.clone()
+    lo.reduce_slot_grads()
+    assert torch.equal(lo.experts.gate_up_proj.grad, before)

@@ -1,4 +1,5 @@
-"""Placement maps: identity layouts, derived maps, validation, and the home <-> slot exchange plan."""
+"""Placement maps: identity layouts, derived maps, validation, per-rank compute layouts and the home <-> replica
+exchange plan."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import random
 
 import pytest
 from dualmoe.errors import PlacementError
-from dualmoe.moe.placement import Placement, home_rank, slot_exchange, slots_are_home_local
+from dualmoe.moe.placement import (
+    Placement,
+    home_rank,
+    remote_experts_by_rank,
+    replica_exchange,
+    slot_layout,
+    slots_are_home_local,
+)
 
 
 def _check_consistent(p: Placement) -> None:
@@ -84,42 +92,72 @@ def _random_placement(rng: random.Random, e: int, s: int, p: int) -> Placement:
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_placement_exchange_refresh_and_adjoint_match_direct_copies(seed: int) -> None:
-    """Simulate the all-to-all on plain lists: refresh fills every slot with its expert's home row,
-    and the reverse exchange adds every slot's gradient into its expert's home row exactly once."""
+def test_placement_layout_orders_homes_then_replicas_within_each_rank(seed: int) -> None:
     rng = random.Random(seed)
     p_ranks = rng.choice([1, 2, 4])
     e = p_ranks * rng.randint(1, 4)
     s = e + p_ranks * rng.randint(0, 3)
     pl = _random_placement(rng, e, s, p_ranks)
     per_home, per_rank = e // p_ranks, s // p_ranks
-    plans = [slot_exchange(pl, r) for r in range(p_ranks)]
-    # refresh: rank r sends home rows ("expert id") to each dest in order
+    for r in range(p_ranks):
+        layout = slot_layout(pl, r)
+        assert sorted(layout.position_of_slot) == list(range(s))
+        assert all(pos // per_rank == slot // per_rank for slot, pos in enumerate(layout.position_of_slot))
+        assert list(layout.group_of_position) == sorted(layout.group_of_position)
+        assert layout.replica_experts == remote_experts_by_rank(pl)[r]
+        assert all(x // per_home != r for x in layout.replica_experts)
+        for slot in range(r * per_rank, (r + 1) * per_rank):
+            expert = pl.physical_to_logical[slot]
+            group = layout.group_of_position[layout.position_of_slot[slot] % per_rank]
+            want = expert - r * per_home if expert // per_home == r else per_home + layout.replica_experts.index(expert)
+            assert group == want, (slot, expert, group)
+    assert slot_layout(pl, 0).any_remote == (not slots_are_home_local(pl))
+
+
+def _simulate_refresh(pl: Placement, plans: list) -> list[dict[int, int]]:
+    """Apply the exchanges on plain lists: rank r sends home rows (expert ids); returns replica row -> expert."""
+    p_ranks, per_home = pl.num_ranks, pl.num_experts // pl.num_ranks
     outbox = {}
     for r, plan in enumerate(plans):
-        rows = [r * per_home + i for i in plan.home_index]
+        rows = [r * per_home + i for i in plan.send_index]
         start = 0
         for dest, n in enumerate(plan.send_counts):
             outbox[(r, dest)] = rows[start:start + n]
             start += n
+    filled = []
     for q, plan in enumerate(plans):
-        received = [x for src in range(p_ranks) for x in outbox[(src, q)]]
         assert [len(outbox[(src, q)]) for src in range(p_ranks)] == list(plan.recv_counts)
-        slots = [None] * per_rank
-        for local, expert in zip(plan.slot_index, received, strict=True):
-            slots[local] = expert
-        assert slots == list(pl.experts_on_rank(q))
-    # adjoint: each slot contributes once to its home
-    totals = [0] * e
-    for q, plan in enumerate(plans):
-        for local in plan.slot_index:
-            totals[pl.physical_to_logical[q * per_rank + local]] += 1
-    assert totals == list(pl.replica_count)
+        received = [x for src in range(p_ranks) for x in outbox[(src, q)]]
+        filled.append(dict(zip(plan.recv_index, received, strict=True)))
+    return filled
 
 
-def test_placement_exchange_subset_moves_only_named_slots() -> None:
-    pl = Placement.identity(8, 12, num_ranks=4)
-    changed = (2, 7)
-    plans = [slot_exchange(pl, r, slots=changed) for r in range(4)]
-    assert sum(len(x.slot_index) for x in plans) == 2
-    assert plans[0].slot_index == (2,) and plans[2].slot_index == (1,)
+@pytest.mark.parametrize("seed", range(20))
+def test_placement_replica_exchange_refresh_and_adjoint_match_direct_copies(seed: int) -> None:
+    """Refresh fills every replica row with its expert's home row; the reverse exchange adds every replica's
+    gradient into its expert's home row exactly once."""
+    rng = random.Random(seed)
+    p_ranks = rng.choice([1, 2, 4])
+    e = p_ranks * rng.randint(1, 4)
+    s = e + p_ranks * rng.randint(0, 3)
+    pl = _random_placement(rng, e, s, p_ranks)
+    plans = [replica_exchange(pl, r) for r in range(p_ranks)]
+    assert all(plan.fills_all for plan in plans)
+    for q, filled in enumerate(_simulate_refresh(pl, plans)):
+        assert filled == dict(enumerate(remote_experts_by_rank(pl)[q]))
+    totals, per_home = [0] * e, e // p_ranks
+    for r, plan in enumerate(plans):  # adjoint: rank r receives one gradient row per send_index entry
+        for i in plan.send_index:
+            totals[r * per_home + i] += 1
+    assert totals == [sum(x in held for held in remote_experts_by_rank(pl)) for x in range(e)]
+    assert plans[0].any_rows == any(remote_experts_by_rank(pl))
+
+
+def test_placement_replica_exchange_after_a_switch_sends_only_new_replicas() -> None:
+    old = Placement.identity(8, 12, num_ranks=4)  # rank r holds replicas of expert 2(r+1) mod 8
+    assert remote_experts_by_rank(old) == ((2,), (4,), (6,), (0,))
+    new = Placement.from_physical_to_logical([0, 1, 2, 2, 3, 6, 4, 5, 6, 6, 7, 3], num_experts=8, num_ranks=4)
+    plans = [replica_exchange(new, r, held=old) for r in range(4)]
+    assert remote_experts_by_rank(new) == ((2,), (6,), (6,), (3,))
+    assert _simulate_refresh(new, plans) == [{}, {0: 6}, {}, {0: 3}]  # ranks 0 and 2 keep what they held
+    assert not any(replica_exchange(old, r, held=old).any_rows for r in range(4))
