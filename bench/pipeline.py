@@ -20,6 +20,7 @@ Rank 0 prints a table (speed-up vs ds-1f1b at the same m) and writes `--json`.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import gc
 import json
 import os
@@ -85,6 +86,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--trace-dir", default=None, help="write dualmoe engines' per-rank traces of one timed step")
     p.add_argument("--json", default=None, help="write the results to this file (rank 0)")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="dualmoe engines' pipeline.timeout_s")
+    p.add_argument("--hang-s", type=float, default=0.0,
+                   help="if one contender runs longer, dump every thread's stack and exit (0: never)")
     args = p.parse_args(argv)
     if args.tiny:
         args.layers, args.hidden, args.seq, args.micro_batch_size = 8, 16, 8, 2
@@ -110,7 +114,7 @@ def _config(args: argparse.Namespace, m: int, schedule: str | None) -> dict[str,
         "train_micro_batch_size_per_gpu": args.micro_batch_size, "gradient_accumulation_steps": m,
         "steps_per_print": 10**9, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
         "optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}},
-        "pipeline": {"partition_method": "uniform"} if schedule else {}}
+        "pipeline": {"partition_method": "uniform", "timeout_s": args.timeout_s} if schedule else {}}
     if not args.tiny:
         cfg["bf16"] = {"enabled": True}
     if schedule:
@@ -198,29 +202,40 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _write(args: argparse.Namespace, device: torch.device, results: list[Result]) -> None:
+    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "world_size": dist.get_world_size(), "torch": torch.__version__,
+            "deepspeed": __import__("deepspeed").__version__, "args": vars(args)}
+    with open(args.json, "w") as f:
+        json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run every contender at every m; rank 0 prints the table and writes the JSON."""
+    """Run every contender at every m; rank 0 prints each result as it lands, then the table and the JSON."""
     args = _args(argv)
     device = _setup(args.tiny)
     results = []
-    for m in (int(x) for x in args.micro_batches.split(",")):
-        for contender in args.contenders.split(","):
+    # Contender-major order, so a contender that hangs (and trips --hang-s) costs only its own rows.
+    for contender in args.contenders.split(","):
+        for m in (int(x) for x in args.micro_batches.split(",")):
+            if args.hang_s > 0:
+                faulthandler.dump_traceback_later(args.hang_s, exit=True)
             try:
                 results.append(_measure(args, contender, m, device))
             except Exception:  # a contender that cannot run this layout (e.g. m < 2P) is reported, not fatal
                 results.append(Result(contender=contender, pipe=dist.get_world_size(), micro_batches=m,
                                       error=traceback.format_exc()))
+            faulthandler.cancel_dump_traceback_later()
+            if dist.get_rank() == 0:
+                sys.stdout.write(_table(results[-1:]).splitlines()[-1] + "\n")
+                sys.stdout.flush()
+                if args.json:
+                    _write(args, device, results)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if dist.get_rank() == 0:
         sys.stdout.write(_table(results) + "\n")
-        if args.json:
-            meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                    "world_size": dist.get_world_size(), "torch": torch.__version__,
-                    "deepspeed": __import__("deepspeed").__version__, "args": vars(args)}
-            with open(args.json, "w") as f:
-                json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
     return 0
