@@ -8,8 +8,10 @@ Default shape (DeepSeek-V3 scaled to one GPU): hidden 2048, 64 routed experts + 
 1408, top-8 in 8 groups keeping 4, 8192 tokens per rank, bf16. Implementations (`--impls`):
 
 * dualmoe    `dualmoe.moe.layer.MoELayer`: sigmoid group-limited routing, dropless all-to-all,
-             grouped GEMM on slots (`--redundant R` adds R replica slots). Also times the per-step
-             boundary work (`reduce_slot_grads` + `refresh_slots`), reported separately.
+             grouped GEMM on the home experts in place (`--redundant R` adds R replica slots; only
+             those on another rank than their expert's home get buffers). Also times the per-step
+             boundary work (`reduce_slot_grads` + `refresh_slots`: zero with R = 0), reported
+             separately, and counts GEMMs that missed grouped_mm (`grouped_mm_fallbacks`, want {}).
 * deepspeed  `deepspeed.moe.layer.MoE` (softmax top-k gate, `drop_tokens=False`, the same SwiGLU expert,
              the same shared expert added outside), EP over all ranks.
 * hf         transformers `DeepseekV3MoE` (experts "grouped_mm" where available, else its default);
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if impl == "dualmoe":
             module, fwd, boundary = _build_dualmoe(shape, world, args.redundant, dtype, device)
             extra["redundant"] = args.redundant
+            extra["replica_rows"] = module.experts.layout.num_replicas
         elif impl == "deepspeed":
             module, fwd, boundary = _build_deepspeed(shape, world, dtype, device)
         elif impl == "hf":
@@ -224,6 +227,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             raise SystemExit(f"--impls: unknown implementation {impl!r}; choose from dualmoe, deepspeed, hf")
         timing = _time(module, fwd, boundary, shape, dtype, device, warmup, iters)
+        if impl == "dualmoe":
+            from dualmoe.moe.grouped import fallback_counts
+
+            timing["grouped_mm_fallbacks"] = fallback_counts()
         results.append({"impl": impl, "ep": world if impl != "hf" else 1, "world": world,
                         "device": _device_name(device), "dtype": str(dtype).replace("torch.", ""), **asdict(shape),
                         **extra, **timing})

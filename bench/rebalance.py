@@ -1,20 +1,30 @@
 """Training step time of MoE layers at EP = world size under Zipf-skewed routing, with and without EPLB.
 
-    torchrun --nproc_per_node 4 bench/rebalance.py --json                     # GPUs, EP=4, bf16
+    torchrun --nproc_per_node 4 bench/rebalance.py --json                     # GPUs, EP=4, bf16 (issue 5)
     torchrun --standalone --nproc_per_node 2 bench/rebalance.py --tiny --json  # CPU smoke run (gloo, fp32)
 
-Routing is synthetic so the skew is exactly what is asked: every layer's router is replaced by draws of
-top-k distinct experts per token from a Zipf(s) popularity over a random permutation of the experts (the
-same permutation on every rank, fresh tokens every step; as SGLang's "fake" dispatch for benchmarks).
-Everything else is the real training path: dispatch all-to-all, grouped SwiGLU experts on slots, combine,
-backward, `reduce_slot_grads`, an SGD step, `end_step` (statistics + slot refresh).
+The layers are the real `MoELayer` (router GEMM, dispatch all-to-all, grouped SwiGLU experts on slots,
+combine, shared expert) trained with SGD through the real step boundary (`reduce_slot_grads`, optimizer
+step, `end_step`: statistics, bias update, replica refresh). Only the router's *selection* is synthetic,
+so the skew is exactly what is asked: each token picks top-k distinct experts from a Zipf(s) popularity
+over a random permutation of the experts (the same on every rank; fresh draws every step; Gumbel-top-k,
+i.e. sampling without replacement as SGLang's "fake" dispatch), and its gate values are the real sigmoid
+scores of the picked experts, so the router weight gets its real gradient.
 
 Phases on the same model and GPUs: (1) `--warmup` then `--steps` timed steps on the initial identity
-placement (no rebalancing); the statistics window fills meanwhile; (2) one rebalance planned from that
-window (its stall is timed and reported: plan, transfers, agreement, commit); (3) `--warmup` then
-`--steps` timed steps on the new placement. With `--interval K` phase 3 also rebalances every K steps
-from a sliding window and the stalls are included in its time. A step is timed from a barrier to a
-barrier (device synchronised), so it is the slowest rank's step.
+placement; the statistics window fills meanwhile; (2) one rebalance planned from that window (its stall
+is timed: plan, transfers, agreement, commit); (3) `--warmup` then `--steps` timed steps on the new
+placement (with `--interval K` also rebalancing every K steps, stalls included). A step is timed from
+a barrier to a barrier (device synchronised), so it is the slowest rank's step.
+
+Per-phase breakdown (`phases` in the JSON, median ms per step on each rank, then mean and max over
+ranks), measured with CUDA events on the compute stream (wall clock on CPU), summed over the layers:
+router, dispatch (sort + split exchange; the all-to-all; regroup), experts, combine (ungroup; the
+all-to-all; weighted sum), shared, backward of combine / experts / dispatch+router (from tensor grad
+hooks), and the boundary: reduce_slot_grads, optimizer, end_step. A collective's time on a rank
+includes waiting for its slowest peer: the hot rank shows long `experts`, the others long
+`combine_a2a` / `backward_combine`. `rows_per_rank` (routed rows each rank computes, per layer and
+step) is the load the planner balances; with it balanced, `experts` evens out across ranks.
 
 Prints a table, or one JSON object with `--json` (rank 0 only).
 """
@@ -26,11 +36,16 @@ import json
 import os
 import statistics
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from dualmoe.moe.config import EplbConfig, MoEConfig, RouterConfig
+from dualmoe.moe.grouped import fallback_counts
 from dualmoe.moe.hooks import end_step, reduce_slot_grads
 from dualmoe.moe.layer import MoELayer
 from dualmoe.moe.rebalance import Rebalancer, RebalanceReport
@@ -47,11 +62,12 @@ class Shape:
     experts: int
     redundant_per_rank: int
     top_k: int
+    shared: int
     tokens: int
 
 
-FULL = Shape(layers=2, hidden=2048, ffn=1408, experts=64, redundant_per_rank=4, top_k=8, tokens=8192)
-TINY = Shape(layers=2, hidden=16, ffn=16, experts=8, redundant_per_rank=2, top_k=2, tokens=128)
+FULL = Shape(layers=2, hidden=2048, ffn=1408, experts=64, redundant_per_rank=4, top_k=8, shared=1, tokens=8192)
+TINY = Shape(layers=2, hidden=16, ffn=16, experts=8, redundant_per_rank=2, top_k=2, shared=1, tokens=128)
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +76,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zipf", type=float, default=0.6, help="Zipf exponent of expert popularity (default 0.6)")
     p.add_argument("--tokens", type=int, help="tokens per rank (default: shape's)")
     p.add_argument("--redundant-per-rank", type=int, help="redundant slots per EP rank (default: shape's)")
+    p.add_argument("--shared", type=int, help="shared experts per layer (default: shape's, 1)")
+    p.add_argument("--layers", type=int, help="MoE layers (default: shape's, 2)")
     p.add_argument("--warmup", type=int, help="untimed steps before each timed phase")
     p.add_argument("--steps", type=int, help="timed steps per phase")
     p.add_argument("--interval", type=int, default=0, help="also rebalance every K steps in phase 3 (0: once)")
@@ -80,49 +98,173 @@ def _setup() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# ---- synthetic selection on the real gate --------------------------------------------------------------
 class _ZipfRouter:
-    """Replaces a layer's router: top-k distinct experts per token drawn from Zipf(s) popularity."""
+    """A layer's router with Zipf(s)-skewed selection: real gate GEMM and scores, drawn top-k experts."""
 
     def __init__(self, layer: MoELayer, *, zipf: float, seed: int, rank: int, device: torch.device) -> None:
         gen = torch.Generator().manual_seed(seed * 7919 + layer.layer_id)  # same permutation on every rank
         order = torch.randperm(layer.num_experts, generator=gen)
         popularity = torch.arange(1, layer.num_experts + 1, dtype=torch.float64) ** -zipf
-        self.probs_E = popularity[torch.argsort(order)].float().to(device)
-        self.top_k = layer.config.top_k
+        self.log_probs_E = popularity[torch.argsort(order)].log().float().to(device)
+        self.gate, self.top_k = layer.gate, layer.config.top_k
+        self.scaling = layer.config.router.routed_scaling_factor
         self.gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + 101 * rank + layer.layer_id)
 
     def __call__(self, x_TD: Tensor, *, num_sequences: int = 1) -> RouterOutput:
-        num_tokens = x_TD.shape[0]
-        ids = torch.multinomial(self.probs_E.repeat(num_tokens, 1), self.top_k, replacement=False,
-                                generator=self.gen)
-        weights = torch.full(ids.shape, 1.0 / self.top_k, dtype=torch.float32, device=x_TD.device)
-        return RouterOutput(topk_ids=ids, topk_weights=weights, aux_loss=None)
+        scores_TE = F.linear(x_TD.float(), self.gate.weight.float()).sigmoid()
+        # Gumbel-top-k: the top k of log p + Gumbel noise are k draws without replacement from p.
+        uniform = torch.rand(scores_TE.shape, generator=self.gen, device=x_TD.device).clamp_(1e-20, 1.0 - 1e-7)
+        ids_TK = (self.log_probs_E - (-uniform.log()).log()).topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, ids_TK)
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20) * self.scaling
+        return RouterOutput(topk_ids=ids_TK, topk_weights=weights_TK, aux_loss=None)
 
 
-def _build(shape: Shape, world: int, rank: int, device: torch.device, dtype: torch.dtype, args: argparse.Namespace):
+# ---- per-phase timing --------------------------------------------------------------------------------
+class _Timeline:
+    """Spans of one step on this rank: CUDA events on the current stream (GPU), or wall clock (CPU)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.spans: list[tuple[str, Any, Any]] = []
+        self.open: dict[tuple[str, int], Any] = {}
+        self.rows: list[int] = []
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def span(self, name: str, start: Any) -> None:
+        self.spans.append((name, start, self.mark()))
+
+    def start(self, name: str, layer: int) -> None:
+        self.open[(name, layer)] = self.mark()
+
+    def stop(self, name: str, layer: int) -> None:
+        start = self.open.pop((name, layer), None)
+        if start is not None:
+            self.span(name, start)
+
+    def collect(self) -> dict[str, float]:
+        """ms per phase of the finished step (call after the device synchronised); resets."""
+        out: dict[str, float] = defaultdict(float)
+        for name, start, end in self.spans:
+            out[name] += start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
+        self.spans, self.open = [], {}
+        return dict(out)
+
+
+def _timed(timeline: _Timeline, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = timeline.mark()
+        out = fn(*args, **kwargs)
+        timeline.span(name, start)
+        return out
+
+    return wrapper
+
+
+def _hook(tensor: Tensor, fn: Callable[[], None]) -> None:
+    if tensor.requires_grad:
+        tensor.register_hook(lambda grad: fn())
+
+
+def _instrument(layer: MoELayer, timeline: _Timeline) -> None:
+    """Wrap the layer's stages (instance attributes) with spans; backward spans come from grad hooks."""
+    lid, d = layer.layer_id, layer.dispatcher
+    layer.gate.forward = _timed(timeline, "router", layer.gate.forward)
+    preprocess = d.dispatch_preprocess
+
+    def dispatch_preprocess(x_TD: Tensor, position_TK: Tensor) -> tuple[Tensor, Any]:
+        _hook(x_TD, lambda: timeline.stop("backward_dispatch_router", lid))  # the layer input's grad: done
+        start = timeline.mark()
+        x_ND, state = preprocess(x_TD, position_TK)
+        timeline.span("dispatch_pre", start)
+        timeline.rows.append(sum(state.tokens_per_local_slot))
+        return x_ND, state
+
+    d.dispatch_preprocess = dispatch_preprocess
+    d.token_dispatch = _timed(timeline, "dispatch_a2a", d.token_dispatch)
+    d.dispatch_postprocess = _timed(timeline, "dispatch_post", d.dispatch_postprocess)
+    experts_forward = layer.experts.forward
+
+    def experts(x_MD: Tensor, rows: Any) -> Tensor:
+        start = timeline.mark()
+        y_MD = experts_forward(x_MD, rows)
+        timeline.span("experts", start)
+
+        def experts_grad() -> None:
+            timeline.stop("backward_combine", lid)
+            timeline.start("backward_experts", lid)
+
+        def input_grad() -> None:
+            timeline.stop("backward_experts", lid)
+            timeline.start("backward_dispatch_router", lid)
+
+        _hook(y_MD, experts_grad)
+        _hook(x_MD, input_grad)
+        return y_MD
+
+    layer.experts.forward = experts
+    d.combine_preprocess = _timed(timeline, "combine_pre", d.combine_preprocess)
+    d.token_combine = _timed(timeline, "combine_a2a", d.token_combine)
+    postprocess = d.combine_postprocess
+
+    def combine_postprocess(y_ND: Tensor, weights_TK: Tensor, state: Any) -> Tensor:
+        start = timeline.mark()
+        y_TD = postprocess(y_ND, weights_TK, state)
+        timeline.span("combine_post", start)
+        _hook(y_TD, lambda: timeline.start("backward_combine", lid))
+        return y_TD
+
+    d.combine_postprocess = combine_postprocess
+    if layer.shared_experts is not None:
+        layer.shared_experts.forward = _timed(timeline, "shared", layer.shared_experts.forward)
+
+
+# ---- model and steps ----------------------------------------------------------------------------------
+def _build(shape: Shape, world: int, rank: int, device: torch.device, dtype: torch.dtype,
+           args: argparse.Namespace) -> tuple[nn.Module, LoadStats, Rebalancer, _Timeline]:
     cfg = MoEConfig(num_experts=shape.experts, top_k=shape.top_k, ep_size=world,
-                    num_redundant_experts=shape.redundant_per_rank * world,
-                    router=RouterConfig(bias_update_rate=0.0),
+                    num_redundant_experts=shape.redundant_per_rank * world, num_shared_experts=shape.shared,
+                    router=RouterConfig(bias_update_rate=0.0, routed_scaling_factor=2.5),
                     eplb=EplbConfig(enabled=True, interval=max(args.interval, 1), window=args.steps))
+    timeline = _Timeline(device)
     layers = []
     for i in range(shape.layers):
         layer = MoELayer(cfg, hidden_size=shape.hidden, ffn_hidden_size=shape.ffn, layer_id=i,
                          ep_group=dist.group.WORLD if world > 1 else None, dtype=dtype, device=device, seed=args.seed)
         layer.gate.forward = _ZipfRouter(layer, zipf=args.zipf, seed=args.seed, rank=rank, device=device)
+        _instrument(layer, timeline)
         layers.append(layer)
     model = nn.Sequential(*layers)
     stats = LoadStats(layers, window=args.steps)
     rebalancer = Rebalancer(layers, stats=stats, chunk_bytes=int(args.chunk_mb * 2**20), timeout_s=600.0)
-    return model, stats, rebalancer
+    return model, stats, rebalancer, timeline
 
 
-def _step(model: nn.Module, stats: LoadStats, opt: torch.optim.Optimizer, x: Tensor) -> None:
+def _step(model: nn.Module, stats: LoadStats, opt: torch.optim.Optimizer, x: Tensor, tl: _Timeline) -> None:
+    start = tl.mark()
     y = model(x)
+    tl.span("forward", start)
+    start = tl.mark()
     y.float().pow(2).mean().backward()
+    tl.span("backward", start)
+    x.grad = None
+    start = tl.mark()
     reduce_slot_grads(model)
+    tl.span("boundary_reduce_slot_grads", start)
+    start = tl.mark()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    tl.span("boundary_optimizer", start)
+    start = tl.mark()
     end_step(model, stats)
+    tl.span("boundary_end_step", start)
 
 
 def _sync(device: torch.device) -> None:
@@ -131,25 +273,48 @@ def _sync(device: torch.device) -> None:
     dist.barrier()
 
 
-def _phase(model, stats, rebalancer, opt, x, device, *, warmup: int, steps: int, interval: int) -> dict:
+def _phase(model: nn.Module, stats: LoadStats, rebalancer: Rebalancer, opt: torch.optim.Optimizer, x: Tensor,
+           device: torch.device, tl: _Timeline, *, warmup: int, steps: int, interval: int) -> dict[str, Any]:
     for _ in range(warmup):
-        _step(model, stats, opt, x)
-    times, stalls = [], []
+        _step(model, stats, opt, x, tl)
+    _sync(device)
+    tl.collect()
+    tl.rows.clear()
+    times, stalls, per_step = [], [], []
     for step in range(1, steps + 1):
         _sync(device)
         start = time.perf_counter()
-        _step(model, stats, opt, x)
+        _step(model, stats, opt, x, tl)
         report = rebalancer.step(step) if interval else None
         if report is not None:
             stalls.append(report.stall_s)
         _sync(device)
         times.append(time.perf_counter() - start)
+        per_step.append(tl.collect())
+    phases = {name: statistics.median(s.get(name, 0.0) for s in per_step) for name in per_step[0]}
+    rows = statistics.fmean(tl.rows) if tl.rows else 0.0
+    tl.rows.clear()
     return {"step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
-            "rebalance_stall_ms": [1e3 * s for s in stalls], "balancedness_window": stats.balancedness(
-                stats.window_load().to(stats.last_LE.device))}
+            "rebalance_stall_ms": [1e3 * s for s in stalls],
+            "balancedness_window": stats.balancedness(stats.window_load().to(stats.last_LE.device)),
+            "_phases": phases, "_rows": rows}
 
 
-def _report_dict(report: RebalanceReport) -> dict:
+def _across_ranks(phase: dict[str, Any], world: int) -> dict[str, Any]:
+    """Gather this rank's phase medians and rows; return mean/max over ranks and the per-rank lists."""
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, (phase.pop("_phases"), phase.pop("_rows")))
+    names = list(gathered[0][0])
+    phase["phases"] = {name: {"mean_ms": statistics.fmean(g[0].get(name, 0.0) for g in gathered),
+                              "max_ms": max(g[0].get(name, 0.0) for g in gathered),
+                              "per_rank_ms": [round(g[0].get(name, 0.0), 3) for g in gathered]} for name in names}
+    rows = [g[1] for g in gathered]
+    phase["rows_per_rank"] = [round(r, 1) for r in rows]
+    phase["rows_max_over_mean"] = max(rows) / statistics.fmean(rows) if statistics.fmean(rows) > 0 else 1.0
+    return phase
+
+
+def _report_dict(report: RebalanceReport) -> dict[str, Any]:
     out = {k: getattr(report, k) for k in ("applied", "status", "num_copies", "num_remote_copies", "bytes_sent",
                                             "bytes_received", "num_rounds", "balancedness_before",
                                             "balancedness_after")}
@@ -158,21 +323,39 @@ def _report_dict(report: RebalanceReport) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _print_table(result: dict[str, Any]) -> None:
+    off, on, r = result["without"], result["with"], result["rebalance"]
+    print(f"EP={result['ep']} {result['device']} {result['dtype']}: {result['layers']} layers, {result['experts']} "
+          f"experts, {result['slots']} slots, top-{result['top_k']}, {result['tokens']} tokens/rank, "
+          f"Zipf {result['zipf']}")
+    for name, phase in (("without", off), ("with", on)):
+        print(f"  {name:8s} rebalancing {phase['step_ms_median']:8.2f} ms/step, balancedness "
+              f"{phase['balancedness_window']:.3f}, rows/rank max/mean {phase['rows_max_over_mean']:.3f}")
+    print(f"  speed-up {result['speedup']:.3f}x; rebalance: {r['status']}, {r['num_copies']} copies in "
+          f"{r['num_rounds']} rounds, stall {r['stall_s_ms']:.1f} ms (plan {r['plan_s_ms']:.1f})")
+    print(f"  {'phase (ms, mean/max over ranks)':36s} {'without':>15s} {'with':>15s}")
+    for name in off["phases"]:
+        a, b = off["phases"][name], on["phases"].get(name, {"mean_ms": 0.0, "max_ms": 0.0})
+        print(f"  {name:36s} {a['mean_ms']:7.2f}/{a['max_ms']:7.2f} {b['mean_ms']:7.2f}/{b['max_ms']:7.2f}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _args(argv)
     rank, world, device = _setup()
-    shape = TINY if args.tiny else FULL
-    shape = Shape(**{**asdict(shape), **({"tokens": args.tokens} if args.tokens else {}),
-                     **({"redundant_per_rank": args.redundant_per_rank}
-                        if args.redundant_per_rank is not None else {})})
+    base = TINY if args.tiny else FULL
+    overrides = {"tokens": args.tokens, "redundant_per_rank": args.redundant_per_rank, "shared": args.shared,
+                 "layers": args.layers}
+    shape = Shape(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 20)
     dtype = torch.float32 if args.tiny or device.type == "cpu" else torch.bfloat16
     torch.manual_seed(args.seed + rank)
-    model, stats, rebalancer = _build(shape, world, rank, device, dtype, args)
+    model, stats, rebalancer, tl = _build(shape, world, rank, device, dtype, args)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-    x = torch.randn(shape.tokens, shape.hidden, dtype=dtype, device=device)
-    off = _phase(model, stats, rebalancer, opt, x, device, warmup=args.warmup, steps=args.steps, interval=0)
+    x = torch.randn(shape.tokens, shape.hidden, dtype=dtype, device=device).requires_grad_(True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    off = _phase(model, stats, rebalancer, opt, x, device, tl, warmup=args.warmup, steps=args.steps, interval=0)
     _sync(device)
     start = time.perf_counter()
     load = rebalancer.planning_load()
@@ -180,30 +363,24 @@ def main(argv: list[str] | None = None) -> dict:
     report = rebalancer.apply(plan, load_LE=load, plan_s=time.perf_counter() - start)
     _sync(device)
     rebalance_wall_ms = 1e3 * (time.perf_counter() - start)
-    on = _phase(model, stats, rebalancer, opt, x, device, warmup=args.warmup, steps=args.steps,
+    on = _phase(model, stats, rebalancer, opt, x, device, tl, warmup=args.warmup, steps=args.steps,
                 interval=args.interval)
+    off, on = _across_ranks(off, world), _across_ranks(on, world)
     expert_load = stats.window_load().sum(0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     result = {"bench": "rebalance", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "world": world, "ep": world, "dtype": str(dtype).replace("torch.", ""), **asdict(shape),
               "slots": shape.experts + shape.redundant_per_rank * world, "zipf": args.zipf,
               "expert_load_max_over_mean": float(expert_load.max() / expert_load.mean()),
               "warmup": args.warmup, "steps": args.steps, "interval": args.interval,
               "without": off, "with": on, "rebalance": _report_dict(report), "rebalance_wall_ms": rebalance_wall_ms,
-              "speedup": off["step_ms_median"] / on["step_ms_median"]}
+              "speedup": off["step_ms_median"] / on["step_ms_median"], "peak_mem_gib": peak,
+              "grouped_mm_fallbacks": fallback_counts()}
     if rank == 0:
         if args.json:
             print(json.dumps(result))
         else:
-            r = result["rebalance"]
-            print(f"EP={world} {result['device']} {result['dtype']}: {shape.layers} layers, {shape.experts} experts, "
-                  f"{result['slots']} slots, top-{shape.top_k}, {shape.tokens} tokens/rank, Zipf {args.zipf}\n"
-                  f"  without rebalancing {off['step_ms_median']:8.2f} ms/step (balancedness "
-                  f"{off['balancedness_window']:.3f})\n"
-                  f"  with rebalancing    {on['step_ms_median']:8.2f} ms/step (balancedness "
-                  f"{on['balancedness_window']:.3f})  speed-up {result['speedup']:.3f}x\n"
-                  f"  rebalance: {r['status']}, {r['num_copies']} copies in {r['num_rounds']} rounds, stall "
-                  f"{r['stall_s_ms']:.1f} ms (plan {r['plan_s_ms']:.1f}, migrate {r['migrate_s_ms']:.1f}, agree "
-                  f"{r['agree_s_ms']:.1f}, commit {r['commit_s_ms']:.1f})")
+            _print_table(result)
     dist.destroy_process_group()
     return result
 

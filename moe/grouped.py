@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import logging
 from collections.abc import Sequence
 
@@ -107,10 +108,21 @@ def _note_fallback(op: str, reason: str) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _group_meta(counts: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """(int32 end offsets, int64 indices of empty groups or None); one host->device copy per group sizes."""
-    offs = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+    """(int32 end offsets, int64 indices of empty groups or None) on `device`, cached per group sizes.
+
+    Uploaded from pinned memory without blocking: a pageable copy would make the host wait for the
+    device's queue to drain before each new set of group sizes.
+    """
+    offs = _upload(list(itertools.accumulate(counts)), torch.int32, device)
     empty = [g for g, n in enumerate(counts) if n == 0]
-    return offs, (torch.tensor(empty, dtype=torch.int64, device=device) if empty else None)
+    return offs, (_upload(empty, torch.int64, device) if empty else None)
+
+
+def _upload(values: list[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def grouped_mm(x_MK: Tensor, w_GNK: Tensor, counts: Sequence[int]) -> Tensor:
