@@ -300,17 +300,21 @@ def _phase(model: nn.Module, stats: LoadStats, rebalancer: Rebalancer, opt: torc
             "_phases": phases, "_rows": rows}
 
 
-def _across_ranks(phase: dict[str, Any], world: int) -> dict[str, Any]:
+def _across_ranks(phase: dict[str, Any], world: int, device: torch.device) -> dict[str, Any]:
     """Gather this rank's phase medians and rows; return mean/max over ranks and the per-rank lists."""
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, (phase.pop("_phases"), phase.pop("_rows")))
-    names = list(gathered[0][0])
-    phase["phases"] = {name: {"mean_ms": statistics.fmean(g[0].get(name, 0.0) for g in gathered),
-                              "max_ms": max(g[0].get(name, 0.0) for g in gathered),
-                              "per_rank_ms": [round(g[0].get(name, 0.0), 3) for g in gathered]} for name in names}
-    rows = [g[1] for g in gathered]
-    phase["rows_per_rank"] = [round(r, 1) for r in rows]
-    phase["rows_max_over_mean"] = max(rows) / statistics.fmean(rows) if statistics.fmean(rows) > 0 else 1.0
+    mine, rows = phase.pop("_phases"), phase.pop("_rows")
+    names = sorted(mine)  # the same stages run on every rank
+    local = torch.tensor([mine[n] for n in names] + [rows], dtype=torch.float64, device=device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    table = torch.stack(parts).cpu()  # [ranks, phases + 1]
+    phase["phases"] = {name: {"mean_ms": float(table[:, i].mean()), "max_ms": float(table[:, i].max()),
+                              "per_rank_ms": [round(float(v), 3) for v in table[:, i]]}
+                       for i, name in enumerate(names)}
+    per_rank_rows = table[:, -1]
+    phase["rows_per_rank"] = [round(float(r), 1) for r in per_rank_rows]
+    mean_rows = float(per_rank_rows.mean())
+    phase["rows_max_over_mean"] = float(per_rank_rows.max()) / mean_rows if mean_rows > 0 else 1.0
     return phase
 
 
@@ -365,7 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rebalance_wall_ms = 1e3 * (time.perf_counter() - start)
     on = _phase(model, stats, rebalancer, opt, x, device, tl, warmup=args.warmup, steps=args.steps,
                 interval=args.interval)
-    off, on = _across_ranks(off, world), _across_ranks(on, world)
+    off, on = _across_ranks(off, world, device), _across_ranks(on, world, device)
     expert_load = stats.window_load().sum(0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     result = {"bench": "rebalance", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -381,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(json.dumps(result))
         else:
             _print_table(result)
+    dist.barrier()  # no rank tears its process group down while a peer still uses it (gloo aborts then)
     dist.destroy_process_group()
     return result
 

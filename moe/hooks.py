@@ -2,12 +2,15 @@
 
 One optimizer step of a model with MoE layers:
 
-    forward/backward x GAS          slot grads accumulate in buffers (dW possibly deferred by W split)
-    reduce_slot_grads(model)        slot grads -> home params' .grad   (before DeepSpeed reduces grads)
+    forward/backward x GAS          home dW -> home .grad (like autograd); replica dW -> fp32 replica grads
+                                    (dW possibly deferred by the W split)
+    reduce_slot_grads(model)        replica grads -> their homes' .grad (before DeepSpeed reduces grads;
+                                    no communication with R = 0)
     DeepSpeed gradient reduction    homes over the expert-DP group, the rest over the DP group
     optimizer.step()                updates homes (ZeRO-1 partitions them over the expert-DP group)
     end_step(model, stats)          one all-reduce of the load counts -> router bias update
-                                    -> refresh_slots(model) (homes -> slot buffers) -> step callbacks
+                                    -> refresh_slots(model) (homes -> replica buffers; none with R = 0)
+                                    -> the EPLB rebalancer (when moe.eplb.enabled) -> step callbacks
 
 DeepSpeed 0.19.8 facts this relies on (runtime/engine.py, runtime/zero/stage_1_and_2.py):
 * A parameter with `allreduce = False` and `group_name` is an expert parameter (`moe.utils.is_moe_param`);
@@ -22,11 +25,16 @@ DeepSpeed 0.19.8 facts this relies on (runtime/engine.py, runtime/zero/stage_1_a
   autograd, so no hook fires for them: `hand_grads_to_optimizer` does the hook's work
   (`DeepSpeedZeroOptimizer.process_gradients`, `BF16_Optimizer._update_hp_grad`).
 
-`moe_engine_class(DeepSpeedEngine)` (or a pipeline engine class) returns a subclass that runs all of
-this; `initialize(...)` is `deepspeed.initialize` with that class for plain (non-pipeline) models.
-Pipeline engines reduce through `_exec_reduce_grads` / `_bf16_reduce_grads` / `allreduce_gradients`,
-all three of which first call `engine.moe_reduce_slot_grads()`; an engine that reduces gradients some
-other way must call it itself (after the weight-grad queue has run).
+`moe_engine_class(DeepSpeedEngine)` (or a pipeline engine class) returns the subclass that runs all of
+this, saves and loads MoE checkpoints by logical expert (`dualmoe.moe.checkpoint.MoECheckpointMixin`:
+every EP rank's homes, placements, biases, statistics) and, when the DeepSpeed JSON says
+`"moe": {"eplb": {"enabled": true, ...}}`, builds a `Rebalancer` with those settings at the end of
+`__init__` (`engine.moe_rebalancer`; one attached later with `attach_rebalancer` replaces it). It is
+safe for models, or pipeline stages, without MoE layers (everything above is then skipped).
+`initialize(...)` is `deepspeed.initialize` with that class for plain (non-pipeline) models. Pipeline
+engines reduce through `_exec_reduce_grads` / `_bf16_reduce_grads` / `allreduce_gradients`, all three
+of which first call `engine.moe_reduce_slot_grads()`; an engine that reduces gradients some other way
+must call it itself (after the weight-grad queue has run).
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .checkpoint import MoECheckpointMixin
+from .config import parse_moe_config
 from .layer import MoELayer
 from .stats import LoadStats
 
@@ -142,12 +152,31 @@ def hand_grads_to_optimizer(optimizer: Any, params: list[nn.Parameter]) -> None:
 class MoEEngineMixin:
     """Mixin for `DeepSpeedEngine` (or a subclass) driving `MoELayer` step boundaries.
 
-    Adds `engine.moe_stats` (`LoadStats`), `engine.moe_reduce_slot_grads()`, `engine.moe_after_step()`
-    and `engine.add_moe_step_callback(fn)` (`fn(engine)` runs after each step's bias update and slot
-    refresh, e.g. the EPLB rebalancer).
+    Adds `engine.moe_stats` (`LoadStats`), `engine.moe_rebalancer` (a `Rebalancer` when the DeepSpeed
+    JSON has `moe.eplb.enabled`, else None), `engine.moe_reduce_slot_grads()`, `engine.moe_after_step()` and
+    `engine.add_moe_step_callback(fn)` (`fn(engine)` runs after each step's bias update, replica refresh
+    and rebalance).
     """
 
     moe_stats: LoadStats | None = None
+    moe_rebalancer: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._moe_auto_rebalancer = self._make_rebalancer()
+        if self._moe_auto_rebalancer is not None:
+            self.moe_rebalancer = self._moe_auto_rebalancer
+
+    def _make_rebalancer(self) -> Any:
+        """A `Rebalancer` over this engine's MoE layers when the DeepSpeed JSON has `moe.eplb.enabled: true`
+        (its `eplb` settings are used); collective over the layers' statistics group."""
+        layers = getattr(self, "_moe_layers", None)
+        section = parse_moe_config(getattr(getattr(self, "_config", None), "_param_dict", None) or {})
+        if not layers or section is None or not section.eplb.enabled:
+            return None
+        from .rebalance import Rebalancer
+
+        return Rebalancer(layers, stats=self.moe_stats, config=section.eplb, monitor=getattr(self, "monitor", None))
 
     def _configure_distributed_model(self, model: nn.Module) -> None:
         super()._configure_distributed_model(model)  # type: ignore[misc]
@@ -208,19 +237,45 @@ class MoEEngineMixin:
         monitor = getattr(self, "monitor", None)
         if self.moe_stats is not None and monitor is not None and monitor.enabled and self.global_rank == 0:
             monitor.write_events(self.moe_stats.events(self.global_samples))
+        auto = getattr(self, "_moe_auto_rebalancer", None)
+        if auto is not None and self.moe_rebalancer is auto:  # not replaced by attach_rebalancer
+            auto.step(self.global_steps, monitor_step=self.global_samples)
         for fn in self._moe_callbacks:
             fn(self)
+
+
+class _MoECheckpoints(MoECheckpointMixin):
+    """`MoECheckpointMixin` for engines with MoE layers; DeepSpeed's own checkpoints for the others."""
+
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_moe_layers", None):
+            return super().save_checkpoint(*args, **kwargs)
+        return super(MoECheckpointMixin, self).save_checkpoint(*args, **kwargs)  # type: ignore[misc]
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_moe_layers", None):
+            return super().load_checkpoint(*args, **kwargs)
+        return super(MoECheckpointMixin, self).load_checkpoint(*args, **kwargs)  # type: ignore[misc]
 
 
 _ENGINE_CLASSES: dict[type, type] = {}
 
 
 def moe_engine_class(base: type) -> type:
-    """`base` (a DeepSpeedEngine class) with `MoEEngineMixin` in front; one class per base."""
-    if issubclass(base, MoEEngineMixin):
+    """The MoE-aware engine class for `base` (`deepspeed.DeepSpeedEngine`, a pipeline engine, or a subclass).
+
+    `base` with the MoE checkpoint mixin and `MoEEngineMixin` in front (one class per base): step
+    boundaries (replica reduce/refresh, statistics, bias updates, the EPLB rebalancer when enabled),
+    DeepSpeed's MoE parameter groups and reductions, and checkpoints that hold every EP rank's experts.
+    Engines of models without `MoELayer`s behave exactly like `base`.
+    """
+    if issubclass(base, MoEEngineMixin) and issubclass(base, MoECheckpointMixin):
         return base
     if base not in _ENGINE_CLASSES:
-        _ENGINE_CLASSES[base] = type(f"MoE{base.__name__}", (MoEEngineMixin, base), {})
+        mixins = (MoEEngineMixin,) if issubclass(base, MoECheckpointMixin) else (_MoECheckpoints, MoEEngineMixin)
+        if issubclass(base, MoEEngineMixin):
+            mixins = (_MoECheckpoints,)
+        _ENGINE_CLASSES[base] = type(f"MoE{base.__name__}", (*mixins, base), {})
     return _ENGINE_CLASSES[base]
 
 

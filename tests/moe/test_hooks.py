@@ -8,6 +8,7 @@ import torch
 from deepspeed.moe.utils import configure_moe_param_groups
 from dualmoe.moe.hooks import MoEEngineMixin, end_step, initialize, reduce_slot_grads
 from dualmoe.moe.layer import MoELayer
+from dualmoe.moe.placement import Placement
 from dualmoe.moe.stats import LoadStats
 from torch import nn
 
@@ -231,3 +232,73 @@ def test_hooks_moe_inside_two_stage_dualpipev_matches_reference(redundant: int) 
             assert torch.allclose(torch.from_numpy(value), ref_weights[name], rtol=1e-5, atol=1e-6), name
             covered.add(name)
     assert covered == set(ref_weights)
+
+
+# ---- the engine class the API builds: checkpoints of every EP rank, rebalancer from the JSON ----------------
+def _json_engine(cfg, seed: int, *, moe_section: dict | None):
+    model = _Net(cfg, seed=seed)
+    with torch.no_grad():  # skewed routing: the rebalancer has work at EP=2
+        model.moe.gate.e_score_correction_bias.copy_(torch.linspace(0.8, -0.8, cfg.num_experts))
+    ds_config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+                 "zero_optimization": {"stage": 0}, "zero_allow_untested_optimizer": True, "steps_per_print": 1000}
+    if moe_section is not None:
+        ds_config["moe"] = moe_section
+    params = configure_moe_param_groups(list(model.parameters()))
+    engine, *_ = initialize(model=model, model_parameters=params, config=ds_config,
+                            optimizer=lambda groups: torch.optim.SGD(groups, lr=LR))
+    return engine, model
+
+
+def _engine_class_checks(rank: int, world: int, folder: str) -> dict:
+    import deepspeed
+    from deepspeed.moe.utils import is_moe_param
+    from dualmoe.moe.checkpoint import MoECheckpointMixin
+    from dualmoe.moe.hooks import moe_engine_class
+    from dualmoe.moe.rebalance import attach_rebalancer
+
+    cls = moe_engine_class(deepspeed.DeepSpeedEngine)
+    out = {"class": issubclass(cls, MoECheckpointMixin) and issubclass(cls, MoEEngineMixin)
+           and moe_engine_class(cls) is cls and moe_engine_class(deepspeed.DeepSpeedEngine) is cls}
+    cfg = moe_config(ep=2, r=2, rate=0.0)
+    section = {"num_experts": cfg.num_experts, "top_k": cfg.top_k, "ep_size": 2, "num_redundant_experts": 2,
+               "num_shared_experts": 1, "router": {"n_group": 4, "topk_group": 2, "bias_update_rate": 0.0},
+               "eplb": {"enabled": True, "interval": 1, "window": 2}}
+    engine, model = _json_engine(cfg, 0, moe_section=section)
+    out["auto"] = engine.moe_rebalancer is not None and engine.moe_rebalancer.config.interval == 1
+    for step in range(2):
+        x, y = _batch(rank, step, 0)
+        engine.backward(engine(x, y))
+        engine.step()
+    out["applied"] = engine.moe_rebalancer.num_applied
+    out["moved"] = model.moe.placement != Placement.identity(8, 10, num_ranks=2)
+    engine.save_checkpoint(folder, tag="t")
+    other, other_model = _json_engine(cfg, 1, moe_section=None)  # no JSON section: no automatic rebalancer
+    out["no_auto"] = other.moe_rebalancer is None
+    other.load_checkpoint(folder, tag="t")
+    probe = _batch(rank, 9, 0)
+    with torch.no_grad():
+        out["same_loss"] = bool(torch.equal(model(*probe), other_model(*probe)))
+    out["same_placement"] = other_model.moe.placement == model.moe.placement
+    homes = [p for p in model.parameters() if is_moe_param(p)]
+    out["same_homes"] = all(torch.equal(a, b) for a, b in zip(homes, [p for p in other_model.parameters()
+                                                                         if is_moe_param(p)], strict=True))
+    explicit = attach_rebalancer(other, name="explicit")
+    out["replaced"] = other.moe_rebalancer is explicit
+    # A model without MoE layers: the same engine class behaves like DeepSpeed's.
+    dense = nn.Linear(HIDDEN, HIDDEN)
+    plain, *_ = initialize(model=dense, model_parameters=dense.parameters(),
+                           config={"train_micro_batch_size_per_gpu": 1, "steps_per_print": 1000,
+                                   "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
+    plain.save_checkpoint(folder, tag="dense")
+    plain.load_checkpoint(folder, tag="dense")
+    out["plain"] = plain.moe_rebalancer is None and not plain.has_moe_layers
+    return out
+
+
+@pytest.mark.dist
+def test_hooks_engine_class_checkpoints_every_ep_rank_and_builds_the_rebalancer_from_the_json(tmp_path) -> None:
+    for result in run_ranks(_engine_class_checks, world_size=2, args=(str(tmp_path),), timeout_s=150):
+        assert result["class"] and result["auto"] and result["no_auto"] and result["replaced"], result
+        assert result["applied"] >= 1 and result["moved"], result
+        assert result["same_loss"] and result["same_placement"] and result["same_homes"], result
+        assert result["plain"], result
