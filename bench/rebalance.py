@@ -25,6 +25,8 @@ hooks), and the boundary: reduce_slot_grads, optimizer, end_step. A collective's
 includes waiting for its slowest peer: the hot rank shows long `experts`, the others long
 `combine_a2a` / `backward_combine`. `rows_per_rank` (routed rows each rank computes, per layer and
 step) is the load the planner balances; with it balanced, `experts` evens out across ranks.
+`replica_rows_per_rank` (remote experts held, all layers) is what the boundary refreshes and reduces
+every step: a placement that strays from the homes costs transfers in `boundary_*`.
 
 Prints a table, or one JSON object with `--json` (rank 0 only).
 """
@@ -297,21 +299,23 @@ def _phase(model: nn.Module, stats: LoadStats, rebalancer: Rebalancer, opt: torc
     return {"step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
             "rebalance_stall_ms": [1e3 * s for s in stalls],
             "balancedness_window": stats.balancedness(stats.window_load().to(stats.last_LE.device)),
-            "_phases": phases, "_rows": rows}
+            "_phases": phases, "_rows": rows,
+            "_replicas": sum(m.experts.layout.num_replicas for m in model.modules() if isinstance(m, MoELayer))}
 
 
 def _across_ranks(phase: dict[str, Any], world: int, device: torch.device) -> dict[str, Any]:
     """Gather this rank's phase medians and rows; return mean/max over ranks and the per-rank lists."""
-    mine, rows = phase.pop("_phases"), phase.pop("_rows")
+    mine, rows, replicas = phase.pop("_phases"), phase.pop("_rows"), phase.pop("_replicas")
     names = sorted(mine)  # the same stages run on every rank
-    local = torch.tensor([mine[n] for n in names] + [rows], dtype=torch.float64, device=device)
+    local = torch.tensor([mine[n] for n in names] + [rows, replicas], dtype=torch.float64, device=device)
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local)
-    table = torch.stack(parts).cpu()  # [ranks, phases + 1]
+    table = torch.stack(parts).cpu()  # [ranks, phases + 2]
     phase["phases"] = {name: {"mean_ms": float(table[:, i].mean()), "max_ms": float(table[:, i].max()),
                               "per_rank_ms": [round(float(v), 3) for v in table[:, i]]}
                        for i, name in enumerate(names)}
-    per_rank_rows = table[:, -1]
+    phase["replica_rows_per_rank"] = [int(r) for r in table[:, -1]]  # remote experts held (buffers to refresh)
+    per_rank_rows = table[:, -2]
     phase["rows_per_rank"] = [round(float(r), 1) for r in per_rank_rows]
     mean_rows = float(per_rank_rows.mean())
     phase["rows_max_over_mean"] = float(per_rank_rows.max()) / mean_rows if mean_rows > 0 else 1.0

@@ -40,7 +40,7 @@ def test_bench_rebalance_tiny_reports_phases_and_rows_of_every_rank() -> None:
     assert row["shared"] == 1 and row["grouped_mm_fallbacks"] == {}
     for phase in (row["without"], row["with"]):
         assert len(phase["rows_per_rank"]) == 2 and all(r > 0 for r in phase["rows_per_rank"])
-        assert phase["rows_max_over_mean"] >= 1.0
+        assert phase["rows_max_over_mean"] >= 1.0 and len(phase["replica_rows_per_rank"]) == 2
         names = set(phase["phases"])
         assert {"router", "dispatch_a2a", "experts", "combine_a2a", "shared", "backward_combine", "backward_experts",
                 "backward_dispatch_router", "boundary_reduce_slot_grads", "boundary_end_step"} <= names, names

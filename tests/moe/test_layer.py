@@ -215,3 +215,48 @@ def test_layer_bf16_runs_close_to_fp32_and_keeps_no_copy_of_home_experts() -> No
     before = lo.experts.gate_up_proj.grad.clone()
     lo.reduce_slot_grads()
     assert torch.equal(lo.experts.gate_up_proj.grad, before)
+
+
+# ---- the step boundary costs nothing with R = 0; placement switches keep the function --------------------------
+def _boundary_and_switch(rank: int, world: int) -> dict[str, float]:
+    import random
+
+    calls: list[int] = []
+    real = dist.all_to_all_single
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    dist.all_to_all_single = counting
+    out: dict[str, float] = {}
+    for r in (0, 2):
+        cfg = moe_config(ep=2, r=r)
+        ref = reference_layer(cfg)
+        layer = MoELayer(cfg, hidden_size=HIDDEN, ffn_hidden_size=FFN, ep_group=dist.group.WORLD, dtype=torch.float64)
+        copy_weights(layer, ref)
+        x, t = rank_batch(rank)
+        (layer(x) * t).sum().backward()
+        calls.clear()
+        layer.reduce_slot_grads()
+        layer.refresh_slots()
+        out[f"boundary_collectives_r{r}"] = len(calls)
+        out[f"expert_buffer_bytes_r{r}"] = sum(b.numel() * b.element_size() for b in layer.experts.buffers())
+    layer.eval()
+    with torch.no_grad():
+        before = layer(x)
+        rng = random.Random(7)  # the same placements on both ranks
+        for mode in ("changed", "all", "lazy", "changed"):
+            p2l = list(range(8)) + [rng.randrange(8) for _ in range(2)]
+            rng.shuffle(p2l)
+            layer.set_placement(Placement.from_physical_to_logical(p2l, num_experts=8, num_ranks=2), refresh=mode)
+            out[f"switch_{mode}"] = max(out.get(f"switch_{mode}", 0.0), max_diff(layer(x), before))
+    return out
+
+
+@pytest.mark.dist
+def test_layer_r0_boundary_has_no_collective_and_no_buffer_and_switches_keep_the_function() -> None:
+    for result in run_ranks(_boundary_and_switch, world_size=2, timeout_s=120):
+        assert result["boundary_collectives_r0"] == 0 and result["expert_buffer_bytes_r0"] == 0, result
+        assert result["boundary_collectives_r2"] == 4 and result["expert_buffer_bytes_r2"] > 0, result
+        assert all(v < 1e-12 for k, v in result.items() if k.startswith("switch_")), result
