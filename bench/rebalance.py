@@ -80,6 +80,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--redundant-per-rank", type=int, help="redundant slots per EP rank (default: shape's)")
     p.add_argument("--shared", type=int, help="shared experts per layer (default: shape's, 1)")
     p.add_argument("--layers", type=int, help="MoE layers (default: shape's, 2)")
+    p.add_argument("--hidden", type=int, help="hidden size (default: shape's)")
+    p.add_argument("--ffn", type=int, help="expert FFN width (default: shape's)")
+    p.add_argument("--experts", type=int, help="routed experts (default: shape's)")
+    p.add_argument("--top-k", type=int, help="experts per token (default: shape's)")
     p.add_argument("--warmup", type=int, help="untimed steps before each timed phase")
     p.add_argument("--steps", type=int, help="timed steps per phase")
     p.add_argument("--interval", type=int, default=0, help="also rebalance every K steps in phase 3 (0: once)")
@@ -303,10 +307,16 @@ def _phase(model: nn.Module, stats: LoadStats, rebalancer: Rebalancer, opt: torc
             "_replicas": sum(m.experts.layout.num_replicas for m in model.modules() if isinstance(m, MoELayer))}
 
 
+PHASES = ("router", "dispatch_pre", "dispatch_a2a", "dispatch_post", "experts", "combine_pre", "combine_a2a",
+          "combine_post", "shared", "forward", "backward_combine", "backward_experts", "backward_dispatch_router",
+          "backward", "boundary_reduce_slot_grads", "boundary_optimizer", "boundary_end_step")
+
+
 def _across_ranks(phase: dict[str, Any], world: int, device: torch.device) -> dict[str, Any]:
     """Gather this rank's phase medians and rows; return mean/max over ranks and the per-rank lists."""
     mine, rows, replicas = phase.pop("_phases"), phase.pop("_rows"), phase.pop("_replicas")
-    names = sorted(mine)  # the same stages run on every rank
+    # The same stages run on every rank; forward stages, then backward, then the step boundary.
+    names = sorted(mine, key=lambda n: (PHASES.index(n) if n in PHASES else len(PHASES), n))
     local = torch.tensor([mine[n] for n in names] + [rows, replicas], dtype=torch.float64, device=device)
     parts = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(parts, local)
@@ -352,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rank, world, device = _setup()
     base = TINY if args.tiny else FULL
     overrides = {"tokens": args.tokens, "redundant_per_rank": args.redundant_per_rank, "shared": args.shared,
-                 "layers": args.layers}
+                 "layers": args.layers, "hidden": args.hidden, "ffn": args.ffn, "experts": args.experts,
+                 "top_k": args.top_k}
     shape = Shape(**{**asdict(base), **{k: v for k, v in overrides.items() if v is not None}})
     args.warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
     args.steps = args.steps if args.steps is not None else (3 if args.tiny else 20)
