@@ -18,6 +18,11 @@ With one EP rank (no group) the all-to-alls are identities and nothing is commun
 `choose_replica_slots` maps logical ids to slots: the i-th copy (in token order) of expert e on
 this rank goes to replica (i + ep_rank) mod replica_count[e], so each expert's tokens split evenly
 over its replicas (differences of at most one per rank) and deterministically.
+
+Slot ids here may be any numbering of the S slots that keeps each rank's block (id // (S/P) is the
+rank): `MoELayer` passes *compute positions* (`dualmoe.moe.placement.SlotLayout`), a per-rank
+permutation of slots that puts each rank's home experts first, so rows arrive in the order of its
+grouped GEMM and `tokens_per_local_slot` are its group sizes.
 """
 
 from __future__ import annotations

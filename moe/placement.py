@@ -302,8 +302,8 @@ def replica_exchange(placement: Placement, ep_rank: int, *, held: Placement | No
     """
     p, per_home = placement.num_ranks, _per_home(placement)
     wanted = remote_experts_by_rank(placement)
-    old = remote_experts_by_rank(held) if held is not None else tuple(() for _ in range(p))
-    needed = [[x for x in wanted[q] if x not in set(old[q])] for q in range(p)]
+    old = [set(r) for r in remote_experts_by_rank(held)] if held is not None else [set() for _ in range(p)]
+    needed = [[x for x in wanted[q] if x not in old[q]] for q in range(p)]
     send_index: list[int] = []
     send_counts = [0] * p
     for dest in range(p):
