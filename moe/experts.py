@@ -20,8 +20,8 @@ zero-bubble W split). dW of the home part is accumulated straight into the home'
 weight dtype, exactly as autograd's AccumulateGrad would for a dense parameter, so DeepSpeed's own
 per-micro-batch hand-off (BF16_Optimizer's fp32 accumulator, ZeRO's fp32 `grad_accum`, the pipeline
 engine's `_after_grads`) treats it like every other gradient. dW of the replica part accumulates in
-fp32 replica-gradient buffers (16-bit weights; micro-batches and replicas add up there) and
-`reduce_slot_grads` sends it home (one all-to-all, the adjoint of the refresh) at the step boundary.
+fp32 replica-gradient buffers (16-bit weights; micro-batches add up there) and `reduce_slot_grads`
+sends it home in the weight dtype (one all-to-all, the adjoint of the refresh) at the step boundary.
 No autograd hook fires for these hand-written grads, so the MoE engine hands the homes to the optimizer
 at the boundary (`dualmoe.moe.hooks.hand_grads_to_optimizer`), as before.
 
@@ -386,16 +386,19 @@ class SlotExperts(nn.Module):
     def _send_replica_grads_home(self, which: int, home: nn.Parameter, exchange: ReplicaExchange,
                                  group: dist.ProcessGroup | None) -> None:
         grad = self._replica_grad(which)
-        send = grad if exchange.fills_all else grad.index_select(
-            0, torch.tensor(exchange.recv_index, dtype=torch.long, device=grad.device))
-        rows = all_to_all_rows(send, list(exchange.recv_counts), list(exchange.send_counts), group)
+        if not exchange.fills_all:
+            grad = grad.index_select(0, torch.tensor(exchange.recv_index, dtype=torch.long, device=grad.device))
+        # Sent in the weight dtype: one rounding of the fp32 sum, as the GEMM gives a home row's dW; half the
+        # bytes of fp32. The home sums the contributions of all ranks in fp32 (or wider), then adds once.
+        rows = all_to_all_rows(grad.to(home.dtype), list(exchange.recv_counts), list(exchange.send_counts), group)
         if rows.shape[0] == 0:
             return
-        # Sum each home row's contributions at the received precision, then add once into .grad.
         unique = sorted(set(exchange.send_index))
         row_of = {h: i for i, h in enumerate(unique)}
         inverse = torch.tensor([row_of[h] for h in exchange.send_index], dtype=torch.long, device=rows.device)
-        summed = rows.new_zeros((len(unique), *rows.shape[1:])).index_add_(0, inverse, rows)
+        acc = torch.promote_types(rows.dtype, torch.float32)
+        summed = torch.zeros((len(unique), *rows.shape[1:]), dtype=acc, device=rows.device)
+        summed.index_add_(0, inverse, rows.to(acc))
         if home.grad is None:
             home.grad = torch.zeros_like(home)
         home.grad.index_add_(0, torch.tensor(unique, dtype=torch.long, device=home.device),
