@@ -88,6 +88,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="timed steps per phase")
     p.add_argument("--interval", type=int, default=0, help="also rebalance every K steps in phase 3 (0: once)")
     p.add_argument("--chunk-mb", type=float, default=256.0, help="migration bytes per rank per round, MiB")
+    p.add_argument("--max-moves", type=int, help="eplb.max_moves: slot copies per rebalance (default: no limit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
@@ -238,7 +239,8 @@ def _build(shape: Shape, world: int, rank: int, device: torch.device, dtype: tor
     cfg = MoEConfig(num_experts=shape.experts, top_k=shape.top_k, ep_size=world,
                     num_redundant_experts=shape.redundant_per_rank * world, num_shared_experts=shape.shared,
                     router=RouterConfig(bias_update_rate=0.0, routed_scaling_factor=2.5),
-                    eplb=EplbConfig(enabled=True, interval=max(args.interval, 1), window=args.steps))
+                    eplb=EplbConfig(enabled=True, interval=max(args.interval, 1), window=args.steps,
+                                    max_moves=args.max_moves))
     timeline = _Timeline(device)
     layers = []
     for i in range(shape.layers):
@@ -391,7 +393,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "world": world, "ep": world, "dtype": str(dtype).replace("torch.", ""), **asdict(shape),
               "slots": shape.experts + shape.redundant_per_rank * world, "zipf": args.zipf,
               "expert_load_max_over_mean": float(expert_load.max() / expert_load.mean()),
-              "warmup": args.warmup, "steps": args.steps, "interval": args.interval,
+              "warmup": args.warmup, "steps": args.steps, "interval": args.interval, "max_moves": args.max_moves,
               "without": off, "with": on, "rebalance": _report_dict(report), "rebalance_wall_ms": rebalance_wall_ms,
               "speedup": off["step_ms_median"] / on["step_ms_median"], "peak_mem_gib": peak,
               "grouped_mm_fallbacks": fallback_counts()}
