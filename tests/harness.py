@@ -49,6 +49,9 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, backen
                               timeout=datetime.timedelta(seconds=timeout_s))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        # gloo connects its full mesh lazily and per pair: without this barrier a rank whose `fn` returns at
+        # once could exit while a peer is still connecting, and that peer would fail with "closed by peer".
+        dist.barrier()
         try:
             out = fn(rank, world_size, *args)
         finally:
