@@ -1,7 +1,7 @@
 """Our keys in a DeepSpeed JSON: the `"pipeline"` section's schedule switch and its options.
 
     {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 8,
-     "pipeline": {"schedule": "dualpipev", "timeout_s": 120, "split_backward": true}}
+     "pipeline": {"schedule": "dualpipev", "timeout_s": 120, "split_backward": true, "static_shapes": "auto"}}
 
 DeepSpeed copies every `"pipeline"` key into `engine._config.pipeline` without checking it, so our keys
 live there beside DeepSpeed's own (`stages`, `partition`, `seed_layers`, `activation_checkpoint_interval`,
@@ -18,6 +18,7 @@ before any rank waits on another.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -47,6 +48,7 @@ DEEPSPEED_PIPELINE_KEYS = frozenset({"stages", "partition", "seed_layers", "acti
 PARTITION_METHODS = ("parameters", "uniform", "type:<regex>")
 
 _SECTION = "pipeline"
+_UNION_TAG = re.compile(r"^(bool|int|float|str|literal\[.*\])$")
 _ALIAS_SECTION = "dualpipe"
 
 
@@ -82,6 +84,12 @@ class PipelineConfig(BaseModel):
     """Run a stage's `overlapped_forward_backward` hook for F&B pairs; False runs every pair serially."""
     split_backward: bool = True
     """Defer weight grads of I actions to their W action (zero-bubble); False computes them in I."""
+    static_shapes: bool | Literal["auto"] = "auto"
+    """Tensors crossing stages keep the shapes and dtypes of the first step: shapes travel in headers during
+    that step only, later receives are posted at once with them, and a sender whose shapes change raises an
+    error naming the message. False negotiates shapes per message (sequence lengths may change between
+    micro-batches). "auto" (default): static unless the PipelineModule was built with `dynamic_shape=True`,
+    DeepSpeed's own switch for the same choice."""
     partition_method: str = "parameters"
     """How layers are cut into stages: 'parameters', 'uniform' or 'type:<regex>' (DeepSpeed's methods)."""
     trace: TraceConfig = Field(default_factory=TraceConfig)
@@ -97,11 +105,17 @@ class PipelineConfig(BaseModel):
 
 def _format_validation_error(err: ValidationError, section: str) -> str:
     """One line per problem: the dotted key, the value given and what is valid."""
-    lines = []
+    lines: list[str] = []
     fields = ", ".join(sorted(PipelineConfig.model_fields))
+    union_keys: dict[str, int] = {}  # a union field fails once per member: one line, the reasons joined
     for item in err.errors():
-        key = ".".join(str(part) for part in (section, *item["loc"]))
+        key = ".".join(str(part) for part in (section, *item["loc"]) if not _UNION_TAG.match(str(part)))
         value = item.get("input")
+        if key in union_keys:
+            lines[union_keys[key]] += f", or {item['msg'].lower()}"
+            continue
+        if len(item["loc"]) > 1 and _UNION_TAG.match(str(item["loc"][-1])):
+            union_keys[key] = len(lines)
         if item["type"] == "extra_forbidden":
             lines.append(f"{key}={value!r}: unknown key; valid keys: {fields} "
                          f"(plus DeepSpeed's own: {', '.join(sorted(DEEPSPEED_PIPELINE_KEYS))})")

@@ -3,7 +3,7 @@
 DeepSpeed's `train_batch` is kept (timers, monitor events, steps_per_print); it calls `_train_schedule()`,
 which here returns this rank's lowered `RankProgram`, and `_exec_schedule(program)`, which walks it:
 
-    for each action:  record_function("dualmoe/F/s3/mb1"): _HANDLERS[action.type](self, action)
+    for each action:  record_function("dualmoe/F/s3/mb1"): _HANDLERS[action.type](self, action); comm.progress()
     step end:         finish sends -> all ranks agree -> sum shared-copy grads -> DeepSpeed grad
                       reduction (DP) -> DeepSpeed optimizer step (clipping, fp16 skips, LR scheduler)
 
@@ -11,7 +11,8 @@ Handlers, one per action type:
     F       inputs (data | local hand-over | received), stage forward, loss on a path's last stage
     B / I   backward from the loss or the received output grads; I defers weight grads (WeightGradQueue)
     W       runs the deferred weight grads of (stage, micro-batch)
-    FB      forward of one micro-batch and backward of another through the overlap function
+    FB      forward of one micro-batch and backward of another through the overlap function (a pair that
+            would run serially is executed as F, its SEND_F, then B: `program.split_serial_pairs`)
     SEND_*  / RECV_*  non-blocking messages (`PipeComm`); receives are posted ahead, waited at use
 
 The engine does no schedule arithmetic: `RankProgram` answers where inputs and grads come from.
@@ -44,12 +45,12 @@ from .groups import Groups
 from .microbatch import DataFeed, StepState
 from .overlap import BackwardWork, ForwardWork, OverlapFn, run_backward, run_forward
 from .p2p import PipeComm
-from .program import RankProgram, build_program
+from .program import RankProgram, build_program, message_links, split_serial_pairs
 from .schedule.ir import Action, ActionType
 from .stage import StageLayout
 from .wgrad import WeightGradQueue, install
 
-__all__ = ["DualPipeEngine", "EnginePlan"]
+__all__ = ["DualPipeEngine", "EnginePlan", "ExecutionPlan"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,25 @@ class EnginePlan:
     layout: StageLayout
     groups: Groups
     engine_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ExecutionPlan:
+    """What `_exec_schedule` walks for one program, prepared once: actions, their handlers and names.
+
+    Args:
+        actions: the program's actions, serial F&B pairs split (`split_serial_pairs`).
+        handlers: the handler of each action.
+        names: each action's profiler event name.
+        texts: each action's position for messages ("action 0F3 (#5)").
+        links: (sender, receiver) pp-rank pairs of every message of the schedule (all ranks).
+    """
+
+    actions: tuple[Action, ...]
+    handlers: tuple[Callable[[DualPipeEngine, Action], None], ...]
+    names: tuple[str, ...]
+    texts: tuple[str, ...]
+    links: tuple[tuple[int, int], ...]
 
 
 def _hand_over(t: Tensor) -> Tensor:
@@ -97,10 +117,14 @@ class DualPipeEngine(StepMixin, CheckpointMixin, PipelineEngine):
         self._abort = AbortSignal(default_store(), prefix=f"dualmoe/{plan.engine_id}",
                                   num_ranks=groups.pp_size * groups.dp_size, timeout_s=cfg.timeout_s, where=where,
                                   leader=groups.pp_rank == 0 and groups.dp_rank == 0)
-        self._comm = PipeComm(groups, device=self.device, abort=self._abort)
-        self._comm.warm_up()
+        static = cfg.static_shapes if isinstance(cfg.static_shapes, bool) else \
+            not getattr(self.module, "dynamic_shape", False)
+        self._comm = PipeComm(groups, device=self.device, abort=self._abort, static_shapes=static)
+        # Every p2p connection now, in one global order: NCCL's lazy set-up could otherwise deadlock.
+        self._comm.warm_up(message_links(self._train_schedule().schedule))
         self._registered_overlap: OverlapFn | None = None
         self._overlaps: dict[tuple[int, int], OverlapFn] = {}
+        self._plans: dict[tuple[bool, int], ExecutionPlan] = {}
         self._program: RankProgram | None = None
         self._state = StepState()
         self._feed: DataFeed | None = None
@@ -146,6 +170,7 @@ class DualPipeEngine(StepMixin, CheckpointMixin, PipelineEngine):
         """Use `fn` for every overlapped F&B pair (None: the stage class hook, else serial)."""
         self._registered_overlap = fn
         self._overlaps.clear()
+        self._plans.clear()
 
     def destroy(self) -> None:
         """Stop the p2p waiter threads, then DeepSpeed's cleanup."""
@@ -158,27 +183,45 @@ class DualPipeEngine(StepMixin, CheckpointMixin, PipelineEngine):
         return dict(self._state.loss_values)
 
     # ---- the executor --------------------------------------------------------------------------
+    def _execution_plan(self, program: RankProgram) -> ExecutionPlan:
+        key = (program.train, program.num_microbatches)
+        if key not in self._plans:
+            from .overlap import serial_overlap
+            from .tracing import action_event_name
+
+            actions = split_serial_pairs(program.actions, lambda a: self._overlap_for(*a.pair) is serial_overlap)
+            self._plans[key] = ExecutionPlan(
+                actions=actions, handlers=tuple(self._HANDLERS[a.type] for a in actions),
+                names=tuple(action_event_name(a) for a in actions),
+                texts=tuple(f"action {a} (#{step})" for step, a in enumerate(actions)),
+                links=message_links(program.schedule))
+        return self._plans[key]
+
     def _exec_schedule(self, program: RankProgram) -> None:
         """Run `program`'s actions, then (training) the step end: grad sync and optimizer step."""
+        plan = self._execution_plan(program)
+        self._comm.warm_up(plan.links)  # a no-op unless this program uses a connection not set up yet
+        self._comm.start_step(train=program.train)
         self._program, self._state = program, StepState()
         self._feed = DataFeed(self.data_iterator, num_microbatches=program.num_microbatches,
                               device=self.device, batch_fn=self.batch_fn)
         self.fwd_outputs = []
         if program.train:
             self.tput_timer.start()
-        for step, action in enumerate(program.actions):
-            self._context = f"step {self.global_steps}, action {action} (#{step})"
+        record, progress, steps = torch.profiler.record_function, self._comm.progress, self.global_steps
+        for step, (action, handler, name) in enumerate(zip(plan.actions, plan.handlers, plan.names)):
+            self._context = f"step {steps}, {plan.texts[step]}"
             try:
-                with torch.profiler.record_function(_event_name(action)):
-                    self._HANDLERS[action.type](self, action)
-                self._comm.progress()
+                with record(name):
+                    handler(self, action)
+                progress()
             except Exception as err:
-                self._fail(program, step, action, err)
+                self._fail(plan.actions, step, action, err)
         self._context = f"step {self.global_steps}, end of step"
         try:
             self._finish_step(program)
         except Exception as err:
-            self._fail(program, None, None, err)
+            self._fail(plan.actions, None, None, err)
 
     def _stage_fn(self, stage: int) -> torch.nn.Module:
         return self.module.stages[stage]
@@ -357,8 +400,3 @@ class DualPipeEngine(StepMixin, CheckpointMixin, PipelineEngine):
                                         self.global_samples)])
         return loss
 
-
-def _event_name(action: Action) -> str:
-    from .tracing import action_event_name
-
-    return action_event_name(action)

@@ -61,7 +61,7 @@ class StepMixin:
             with torch.profiler.record_function("dualmoe/optimizer_step"):
                 self._exec_optimizer_step()
 
-    def _fail(self, program: RankProgram, step: int | None, action: Action | None, err: Exception) -> None:
+    def _fail(self, actions: Sequence[Action], step: int | None, action: Action | None, err: Exception) -> None:
         """Log the schedule with the failing step marked, tell the other ranks, raise."""
         self._comm.reset()
         self._queue.clear()
@@ -71,21 +71,46 @@ class StepMixin:
         if not isinstance(err, PeerAborted):
             self._abort.post(message)
         logger.error("%s\nschedule of this rank (>> marks the failing step):\n%s", message,
-                     format_schedule(program.actions, failed_step=step))
+                     format_schedule(actions, failed_step=step))
         if isinstance(err, CommTimeout):
             raise err
         raise StageError(message) from err
 
     def _after_grads(self) -> None:
-        """BF16_Optimizer: move fresh low-precision grads into its fp32 accumulators (per action)."""
-        if not self.using_bf16_optimizer:
+        """BF16_Optimizer: move fresh low-precision grads into its fp32 accumulators (after each B, I, W).
+
+        Same effect as DeepSpeed's `_update_hp_grad` (fp32 += grad, marked as having a grad, lp grad dropped),
+        but one mixed-dtype add instead of an fp32 copy of the grad followed by an add: the same fp32 sums
+        (bf16 -> fp32 is exact) with a third less memory traffic, paid for every parameter and micro-batch.
+        """
+        slots = self._bf16_slots
+        if not slots:
             return
         opt = self.optimizer
-        for i, group in enumerate(opt.bf16_groups):
-            for j, lp in enumerate(group):
-                if lp.grad is not None:
-                    opt._update_hp_grad(lp, i, j, clear_lp_grads=False)
-                    lp.grad = None
+        for lp, i, j in slots:
+            grad = lp.grad
+            if grad is None:
+                continue
+            if self._bf16_folding:  # AutoEP's folded grads need DeepSpeed's correction first
+                opt._update_hp_grad(lp, i, j, clear_lp_grads=False)
+            else:
+                hp = opt.fp32_groups_gradients[i][j]
+                hp.add_(grad.view(hp.shape))
+                lp._hp_grad = hp
+                opt.fp32_groups_has_gradients[i][j] = True
+            lp.grad = None
+
+    @property
+    def _bf16_slots(self) -> list[tuple[Tensor, int, int]]:
+        """(low-precision param, group, index) of every BF16_Optimizer param (empty for other optimizers)."""
+        slots = getattr(self, "_bf16_slot_cache", None)
+        if slots is None:
+            opt = self.optimizer
+            slots = [(lp, i, j) for i, group in enumerate(opt.bf16_groups) for j, lp in enumerate(group)] \
+                if self.using_bf16_optimizer else []
+            self._bf16_folding = getattr(opt, "autoep_folding_tp_group", None) is not None
+            self._bf16_slot_cache = slots
+        return slots
 
     def _reduce_shared_grads(self) -> None:
         """Sum the grads of parameters held on several pipeline ranks (DualPipe copies, tied layers).

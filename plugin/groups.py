@@ -16,17 +16,36 @@ Besides DeepSpeed's pipe and data groups, a schedule needs:
   messages in order per peer and communicator);
 - `shared`: one group per set of pipeline ranks that hold copies of the same parameters, over which their
   grads are summed: DualPipe's mirrored pair (r, P-1-r), or the ranks of a tied layer (embedding/head).
+
+Timeouts. Every group built here gets the backend timeout `backend_timeout(pipeline.timeout_s)` (twice the
+setting plus 30 s). The engine's own deadlines (`dualmoe.failure`) end host-side waits first and name the
+rank, step and action; the backend's timeout is the last resort for what they cannot reach: a device-side
+wait on a receive that never completes (the NCCL watchdog then aborts the communicator). Neither can
+interrupt a host thread blocked *inside* an NCCL call: `ncclGroupEnd` of a rank pair's first p2p blocks
+until the peer joins the connection setup. That is why the engine sets every p2p connection up at start
+(`PipeComm.warm_up`), pair by pair in one global order, before any step can block on one.
 """
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["Groups", "build_groups"]
+__all__ = ["Groups", "backend_timeout", "build_groups", "payload_index"]
+
+
+def payload_index(src: int, dst: int) -> int:
+    """Index in `Groups.payload` of messages from pp rank `src` to pp rank `dst`: 2 x upward + sender parity."""
+    return 2 * int(dst > src) + src % 2
+
+
+def backend_timeout(timeout_s: float) -> datetime.timedelta:
+    """The process-group timeout for `pipeline.timeout_s`: long enough that the engine's deadline fires first."""
+    return datetime.timedelta(seconds=2 * timeout_s + 30)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,7 +93,7 @@ class Groups:
 
     def payload_group(self, src: int, dst: int) -> Any:
         """The payload group of messages from pp rank `src` to pp rank `dst`."""
-        return self.payload[2 * int(dst > src) + src % 2]
+        return self.payload[payload_index(src, dst)]
 
     def shared_group(self, pp_ranks: tuple[int, ...]) -> Any:
         """The group summing grads over `pp_ranks` (which must include this rank).
@@ -88,13 +107,14 @@ class Groups:
         raise KeyError(f"no shared-grad group for pipeline ranks {pp_ranks}")
 
 
-def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = ()) -> Groups:
+def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = (), timeout_s: float = 300.0) -> Groups:
     """Create the groups for DeepSpeed's `PipelineParallelGrid` `grid` (collective: every rank calls it).
 
     Args:
         grid: `deepspeed.runtime.pipe.topology.PipelineParallelGrid` (the PipelineModule's `mpu()`).
         shared_pp_ranks: sets of pipeline ranks that hold copies of the same parameters (DualPipe pairs,
             tied layers); sets of one rank are ignored. Every rank must pass the same sets.
+        timeout_s: `pipeline.timeout_s`; the groups' backend timeout is `backend_timeout(timeout_s)`.
 
     Returns:
         This rank's `Groups`.
@@ -105,11 +125,12 @@ def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = ()) 
     my_pipe = next(p for p in pipes if global_rank in p)
     dp_ranks = tuple(grid.get_data_parallel_group_ranks())
 
+    timeout = backend_timeout(timeout_s)
     # new_group is collective over the world: every rank creates every group in the same order.
     mine: dict[str, Any] = {}
     for pipe in pipes:
         for name in ("payload0", "payload1", "payload2", "payload3", "meta"):
-            group = dist.new_group(ranks=list(pipe), backend="gloo" if name == "meta" else None)
+            group = dist.new_group(ranks=list(pipe), backend="gloo" if name == "meta" else None, timeout=timeout)
             if pipe == my_pipe:
                 mine[name] = group
 
@@ -117,7 +138,7 @@ def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = ()) 
     shared: list[tuple[tuple[int, ...], Any]] = []
     for ranks in sorted({tuple(sorted(set(s))) for s in shared_pp_ranks if len(set(s)) > 1}):
         for pipe in pipes:
-            group = dist.new_group(ranks=[pipe[r] for r in ranks])
+            group = dist.new_group(ranks=[pipe[r] for r in ranks], timeout=timeout)
             if pipe == my_pipe and pp_rank in ranks:
                 shared.append((ranks, group))
 

@@ -1,32 +1,52 @@
-"""Batched non-blocking p2p between pipeline ranks, with shapes and dtypes negotiated per message.
+"""Batched non-blocking p2p between pipeline ranks, with shapes and dtypes negotiated per message or once.
 
-Every transfer (a stage's forward outputs, or its input grads) is one *message*: a fixed-size int64
-header on the host (`Groups.meta`, gloo) followed by the payload tensors on the engine's device (in one of
-`Groups.payload`, by direction and sender, so a receive never queues behind a send on one NCCL stream).
-The header carries the message's identity (direction, producing stage, micro-batch) and, per tensor,
-dtype, shape and requires_grad (or "none", for a grad that does not exist), so any number of tensors of
-any dtype (bool masks, int64 position ids) pass, and shapes may change from one micro-batch to the next.
+Every transfer (a stage's forward outputs, or its input grads) is one *message*: payload tensors on the
+engine's device (in one of `Groups.payload`, by direction and sender parity, so in each group a rank only
+sends or only receives and a receive never queues behind a send on one NCCL stream), announced by a
+fixed-size int64 header on the host (`Groups.meta`, gloo) while its shapes are not known. The header
+carries the message's identity (direction, producing stage, micro-batch) and, per tensor, dtype, shape and
+requires_grad (or "none", for a grad that does not exist), so any number of tensors of any dtype (bool
+masks, int64 position ids) pass.
 
-    sender (SEND action)                      receiver
-    isend header  --------- meta (gloo) -->  irecv header    posted at the RECV action, ahead of use
-    isend payload ------- payload group --->  irecv payload  posted once the header arrived (`progress`)
-    (completed off the critical path:                        waited only by the compute that consumes it
-     reaped by `progress`, waited at `finish`)
+Two modes (`pipeline.static_shapes`):
 
-Payload ops queue until `flush`, which launches them with one `batch_isend_irecv` per group (the engine
-flushes after each action); on gloo they start at once. NCCL needs every rank of a group in its first
-batched p2p, so the engine warms each payload group up with a collective first (`PipeComm.warm_up`).
-NCCL and gloo match messages between two ranks in posting order, which is why the engine posts RECVs in
-the lowered schedule's order; headers make a mismatch an error, not silent corruption. Waits on the host
-(headers; payloads on CPU) poll with the engine's deadline and abort flag (`AbortSignal.wait`); on CUDA a
-payload wait is a stream dependency, not a host sync.
+    dynamic: every message                     static: first step as dynamic, then payload only
+    sender   isend header -- meta (gloo) -->   sender   checks its shapes against the first step's
+             isend payload --- payload -->              isend payload -------- payload ---->
+    receiver irecv header at the RECV action   receiver irecv payload at the RECV action, into
+             irecv payload once it arrived              buffers of the first step's shapes
+
+Static mode learns each (train/eval, direction, stage)'s tensor metadata from the headers of the first
+step that carries it; both sides switch to payload-only messages for that key at the same step boundary
+(`finish`). A sender whose tensors later differ raises `ConfigError` naming the message and the fix
+(`static_shapes: false`) before anything is sent, so no receive is ever posted with a wrong shape.
+
+Posting and completion. A receive's payload is posted in message order per peer (NCCL and gloo match
+messages between two ranks in posting order; the engine posts RECVs in the lowered schedule's order, and
+headers make a mismatch an error, not silent corruption). Payload ops queue until `flush`, which
+launches them with one `batch_isend_irecv` per group (the engine flushes after each action); on gloo they
+start at once and per-peer threads wait on them (gloo reports completion only through wait()). On CUDA,
+receives are issued from the comm's own stream, so NCCL does not make them wait for the compute already
+queued on the engine's stream (it would, since the NCCL stream waits for the issuing stream's tail); the
+consumer's stream then waits for the receive (`work.wait()`, no host sync) and `record_stream` keeps the
+buffer alive for it. Sends are issued from the compute stream, after the compute that produced them.
+
+Connections. NCCL creates a rank pair's p2p connection inside the `ncclGroupEnd` of their first batched
+p2p, which blocks until the peer takes part: two ranks that both start by *sending* to each other, in
+different groups, wait for each other forever. `warm_up(links)` therefore sets every connection the
+schedule uses up front, one pair at a time in one global order (group index, sender, receiver), so no
+cycle of waits can form; nothing (our deadlines, the NCCL watchdog) can interrupt a blocked
+`ncclGroupEnd` later.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Sequence
+import weakref
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +54,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .errors import ScheduleError
+from .errors import ConfigError, ScheduleError
 from .failure import AbortSignal
-from .groups import Groups
+from .groups import Groups, payload_index
 
-__all__ = ["HEADER_LEN", "MessageKey", "PipeComm", "TensorMeta", "decode_header", "encode_header"]
+__all__ = ["HEADER_LEN", "Link", "MessageKey", "PipeComm", "TensorMeta", "decode_header", "encode_header",
+           "tensor_metas"]
 
 HEADER_LEN = 128
 _MAGIC = 0x44504D31
@@ -48,6 +69,10 @@ _CODE = {dtype: code for code, dtype in enumerate(_DTYPES)}
 
 # (direction "F" or "B", producing stage, micro-batch)
 MessageKey = tuple[str, int, int]
+# (payload group index, sending pp rank, receiving pp rank)
+Link = tuple[int, int, int]
+# (train step?, direction, producing stage): messages that share tensor metadata under static shapes
+_ShapeKey = tuple[bool, str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +82,17 @@ class TensorMeta:
     dtype: torch.dtype | None
     shape: tuple[int, ...] = ()
     requires_grad: bool = False
+
+    def __str__(self) -> str:
+        if self.dtype is None:
+            return "None"
+        return f"{str(self.dtype).removeprefix('torch.')}{list(self.shape)}{'+grad' if self.requires_grad else ''}"
+
+
+def tensor_metas(tensors: Sequence[Tensor | None]) -> tuple[TensorMeta, ...]:
+    """The metadata a message carries for `tensors`."""
+    return tuple(TensorMeta(None) if t is None else TensorMeta(t.dtype, tuple(t.shape), t.requires_grad)
+                 for t in tensors)
 
 
 def encode_header(key: MessageKey, tensors: Sequence[Tensor | None]) -> Tensor:
@@ -134,6 +170,7 @@ class _FifoWaiter:
             except BaseException as err:
                 done.error = err
             done.event.set()
+            del work, done, item  # do not keep the last message's tensors alive while idle
 
     def watch(self, work: Any) -> _Done:
         """Start waiting on `work` after every work watched before it."""
@@ -146,27 +183,36 @@ class _FifoWaiter:
         self._todo.put(None)
 
 
+def _stop_waiters(waiters: dict[tuple[int, str], _FifoWaiter]) -> None:
+    for waiter in waiters.values():
+        waiter.stop()
+    waiters.clear()
+
+
 @dataclass(slots=True)
 class _Recv:
+    key: MessageKey
     peer: int
-    header: Tensor
-    header_done: _Done
-    tensors: list[Tensor | None] | None = None
+    metas: tuple[TensorMeta, ...] | None  # known up front (static shapes) or read from the header
+    header: Tensor | None = None
+    header_done: _Done | None = None
+    tensors: list[Tensor | None] | None = None  # set once the payload receive is posted
     works: list[Any] = field(default_factory=list)
     dones: list[_Done] = field(default_factory=list)
 
 
 @dataclass(slots=True)
 class _Send:
-    header: Tensor
-    header_done: _Done
     tensors: list[Tensor]
+    header: Tensor | None = None  # kept alive until the header isend completes
     works: list[Any] = field(default_factory=list)
     dones: list[_Done] = field(default_factory=list)
 
+    def host_done(self) -> bool:
+        return all(d.done() for d in self.dones)
+
     def done(self) -> bool:
-        return (self.header_done.done() and all(d.done() for d in self.dones)
-                and all(w.is_completed() for w in self.works))
+        return self.host_done() and all(w.is_completed() for w in self.works)
 
 
 class PipeComm:
@@ -176,24 +222,87 @@ class PipeComm:
         groups: the engine's groups (`pp_global_ranks`, `payload`, `meta`).
         device: where payload tensors live (the engine's device).
         abort: deadline and abort flag for every host wait.
+        static_shapes: negotiate each message kind's shapes in its first step only (see the module doc).
+
+    Attributes:
+        links_warmed: this rank's payload connections set up by `warm_up`.
+        links_used: payload connections that carried a message.
+        headers_sent, headers_received: header counts (static shapes: the first step's messages only).
     """
 
-    def __init__(self, groups: Groups, *, device: torch.device, abort: AbortSignal) -> None:
+    def __init__(self, groups: Groups, *, device: torch.device, abort: AbortSignal,
+                 static_shapes: bool = False) -> None:
         self.groups = groups
         self.device = torch.device(device)
         self.abort = abort
+        self.static_shapes = static_shapes
+        self.links_warmed: set[Link] = set()
+        self.links_used: set[Link] = set()
+        self.headers_sent = self.headers_received = 0
         # gloo reports a work done only after wait(): such works are waited by per-peer threads.
         self._gloo_payload = dist.get_backend(groups.payload[0]) == "gloo"
+        self._recv_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         self._waiters: dict[tuple[int, str], _FifoWaiter] = {}
-        self._queued: dict[int, tuple[Any, list[Any], list[_Recv | _Send]]] = {}  # id(group) -> ops, owners
+        weakref.finalize(self, _stop_waiters, self._waiters)  # no idle threads outlive a dropped engine
+        self._queued: dict[tuple[int, bool], tuple[list[Any], list[_Recv | _Send]]] = {}  # (group, recv?)
         self._recvs: dict[MessageKey, _Recv] = {}
-        self._sends: list[_Send] = []
+        self._unposted: dict[int, deque[_Recv]] = {}  # per peer, in message order
+        self._sends: deque[_Send] = deque()
+        self._collectives_warm = False
+        self._train = True
+        self._known: dict[_ShapeKey, tuple[TensorMeta, ...]] = {}  # negotiated in a finished step
+        self._learning: dict[_ShapeKey, tuple[TensorMeta, ...]] = {}  # first seen in this step
 
-    def warm_up(self) -> None:
-        """One collective per payload group, so NCCL creates each communicator with all ranks present."""
-        for group in self.groups.payload:
-            dist.all_reduce(torch.zeros(1, device=self.device), group=group)
+    # ---- set-up ------------------------------------------------------------------------------------------
+    def warm_up(self, links: Iterable[tuple[int, int]]) -> None:
+        """Create every payload communicator, then every p2p connection in `links` that is not set up yet.
 
+        Collective over the pipeline: every rank passes the same `(src pp rank, dst pp rank)` pairs (all
+        messages of the schedule). One collective per payload group creates the communicators with all
+        ranks present; then each pair exchanges one element, pairs ordered by (group index, src, dst) on
+        every rank, so the connection set-up inside NCCL's `ncclGroupEnd` never waits in a cycle.
+        """
+        if not self._collectives_warm:
+            for group in self.groups.payload:
+                dist.all_reduce(torch.zeros(1, device=self.device), group=group)
+            self._collectives_warm = True
+        me = self.groups.pp_rank
+        for link in sorted({(payload_index(src, dst), src, dst) for src, dst in links} - self.links_warmed):
+            index, src, dst = link
+            if me not in (src, dst):
+                continue
+            sending = me == src
+            op = dist.P2POp(dist.isend if sending else dist.irecv, torch.zeros(1, device=self.device),
+                            self.groups.to_global(dst if sending else src), self.groups.payload[index])
+            for work in dist.batch_isend_irecv([op]):
+                work.wait()
+            self.links_warmed.add(link)
+
+    def start_step(self, *, train: bool) -> None:
+        """Begin a step: training and forward-only steps keep separate static shapes (requires_grad differs)."""
+        self._train = train
+
+    # ---- static shapes ------------------------------------------------------------------------------------
+    def _header_needed(self, key: MessageKey, peer: int, metas: tuple[TensorMeta, ...]) -> bool:
+        """Whether a send carries a header; raises if static shapes changed since the first step."""
+        if not self.static_shapes:
+            return True
+        shape_key = (self._train, key[0], key[1])
+        first = self._known.get(shape_key)
+        header = first is None
+        if first is None:
+            first = self._learning.setdefault(shape_key, metas)
+        if first != metas:
+            kind = "outputs" if key[0] == "F" else "input grads"
+            raise ConfigError(
+                f"pipeline.static_shapes: message {key} to pp rank {peer} (stage {key[1]} {kind}, micro-batch "
+                f"{key[2]}) holds [{', '.join(map(str, metas))}] but the first message of this kind held "
+                f"[{', '.join(map(str, first))}]; with static shapes every micro-batch and step must send the "
+                f"same shapes and dtypes. Set \"pipeline\": {{\"static_shapes\": false}} (or build the "
+                f"PipelineModule with dynamic_shape=True) to negotiate shapes per message")
+        return header
+
+    # ---- posting ------------------------------------------------------------------------------------------
     def _watch(self, peer: int, kind: str, work: Any) -> _Done:
         waiter = self._waiters.get((peer, kind))
         if waiter is None:
@@ -202,71 +311,108 @@ class PipeComm:
 
     def _payload_op(self, peer: int, recv: bool, tensor: Tensor, owner: _Recv | _Send) -> None:
         me = self.groups.pp_rank
-        group = self.groups.payload_group(peer, me) if recv else self.groups.payload_group(me, peer)
+        src, dst = (peer, me) if recv else (me, peer)
+        index = payload_index(src, dst)
+        self.links_used.add((index, src, dst))
+        group = self.groups.payload[index]
         op = dist.irecv if recv else dist.isend
         if self._gloo_payload:
             work = op(tensor, self.groups.to_global(peer), group=group)
             owner.dones.append(self._watch(peer, "recv" if recv else "send", work))
             return
-        _, ops, owners = self._queued.setdefault(id(group), (group, [], []))
+        ops, owners = self._queued.setdefault((index, recv), ([], []))
         ops.append(dist.P2POp(op, tensor, self.groups.to_global(peer), group))
         owners.append(owner)
 
     def post_recv(self, key: MessageKey, peer: int) -> None:
-        """Post the header receive of message `key` from pipeline rank `peer` (a RECV action)."""
-        header = torch.empty(HEADER_LEN, dtype=torch.int64)
-        work = dist.irecv(header, src=self.groups.to_global(peer), group=self.groups.meta)
-        self._recvs[key] = _Recv(peer, header, self._watch(peer, "header-recv", work))
+        """Post the receive of message `key` from pipeline rank `peer` (a RECV action).
+
+        Under static shapes with the key's shapes known, the payload receive is posted now (in message order
+        behind any earlier receive from `peer` still waiting for its header); otherwise the header's.
+        """
+        metas = self._known.get((self._train, key[0], key[1])) if self.static_shapes else None
+        recv = _Recv(key, peer, metas)
+        if metas is None:
+            recv.header = torch.empty(HEADER_LEN, dtype=torch.int64)
+            work = dist.irecv(recv.header, src=self.groups.to_global(peer), group=self.groups.meta)
+            recv.header_done = self._watch(peer, "header-recv", work)
+            self.headers_received += 1
+        self._recvs[key] = recv
+        self._unposted.setdefault(peer, deque()).append(recv)
+        self._post_ready(peer)
 
     def send(self, key: MessageKey, peer: int, tensors: Sequence[Tensor | None]) -> None:
-        """Send message `key` to pipeline rank `peer`: header now, payload now (gloo) or at `flush` (NCCL)."""
-        header = encode_header(key, tensors)
-        work = dist.isend(header, dst=self.groups.to_global(peer), group=self.groups.meta)
-        record = _Send(header, self._watch(peer, "header-send", work), [])
-        record.tensors = [t.detach().contiguous() for t in tensors if t is not None]
+        """Send message `key` to pipeline rank `peer`: header (while shapes are negotiated) and payload.
+
+        Raises:
+            ConfigError: static shapes, and `tensors` differ from the first message of this kind.
+            ScheduleError: a dtype that cannot travel.
+        """
+        record = _Send([t.detach().contiguous() for t in tensors if t is not None])
+        if self._header_needed(key, peer, tensor_metas(tensors)):
+            record.header = encode_header(key, tensors)
+            work = dist.isend(record.header, dst=self.groups.to_global(peer), group=self.groups.meta)
+            record.dones.append(self._watch(peer, "header-send", work))
+            self.headers_sent += 1
         for t in record.tensors:
             self._payload_op(peer, False, t, record)
         self._sends.append(record)
 
-    def _post_payload(self, key: MessageKey, recv: _Recv) -> None:
+    def _read_header(self, recv: _Recv) -> tuple[TensorMeta, ...]:
+        key = recv.key
         got, metas = decode_header(recv.header)
         if got != key:
             raise ScheduleError(f"expected message {key} from pp rank {recv.peer} but got {got}: the two ranks run "
                                 f"different schedules or post messages in different orders")
-        recv.tensors = [None if m.dtype is None else torch.empty(m.shape, dtype=m.dtype, device=self.device)
-                        for m in metas]
-        for t, m in zip(recv.tensors, metas):
+        if self.static_shapes:
+            self._learning.setdefault((self._train, key[0], key[1]), metas)
+        recv.header = None
+        return metas
+
+    def _post_ready(self, peer: int) -> None:
+        """Post payload receives from `peer`, in message order, while their shapes are known."""
+        pending = self._unposted.get(peer)
+        while pending:
+            recv = pending[0]
+            if recv.metas is None:
+                if not recv.header_done.done():
+                    return
+                recv.metas = self._read_header(recv)
+            self._post_payload(recv)
+            pending.popleft()
+
+    def _post_payload(self, recv: _Recv) -> None:
+        stream = torch.cuda.stream(self._recv_stream) if self._recv_stream is not None else contextlib.nullcontext()
+        with stream:  # allocated on the receive stream: the buffer belongs to it until the consumer records use
+            recv.tensors = [None if m.dtype is None else torch.empty(m.shape, dtype=m.dtype, device=self.device)
+                            for m in recv.metas]
+        for t, m in zip(recv.tensors, recv.metas):
             if t is not None:
                 self._payload_op(recv.peer, True, t, recv)
                 t.requires_grad_(m.requires_grad)
 
-    def _post_arrived(self, until: MessageKey | None = None) -> None:
-        """Post payload receives, per peer in message order, for every header that has arrived."""
-        stalled: set[int] = set()
-        for key, recv in self._recvs.items():
-            if recv.tensors is None and recv.peer not in stalled:
-                if recv.header_done.done():
-                    self._post_payload(key, recv)
-                else:
-                    stalled.add(recv.peer)
-            if key == until:
-                break
-
     def flush(self) -> None:
         """Launch every queued payload op: one `batch_isend_irecv` per group (NCCL; gloo ops start at once)."""
-        for group_ops in self._queued.values():
-            _, ops, owners = group_ops
-            works = dist.batch_isend_irecv(ops)
+        for (_, receiving), (ops, owners) in self._queued.items():
+            stream = torch.cuda.stream(self._recv_stream) if receiving and self._recv_stream is not None \
+                else contextlib.nullcontext()
+            with stream:
+                works = dist.batch_isend_irecv(ops)
             for owner in owners:
                 owner.works = works
         self._queued.clear()
 
     def progress(self) -> None:
-        """Post payload receives whose headers arrived and drop completed sends (cheap; call often)."""
-        self._post_arrived()
+        """Post payload receives whose headers arrived, launch queued ops, drop completed sends (cheap)."""
+        for peer, pending in self._unposted.items():
+            if pending:
+                self._post_ready(peer)
         self.flush()
-        self._sends = [s for s in self._sends if not s.done()]
+        sends = self._sends
+        while sends and sends[0].done():  # sends complete roughly in order; stop at the first pending one
+            sends.popleft()
 
+    # ---- completion ---------------------------------------------------------------------------------------
     def wait_recv(self, key: MessageKey, *, context: str) -> tuple[Tensor | None, ...]:
         """The payload of message `key` once it has arrived; tensors keep the sender's requires_grad.
 
@@ -279,43 +425,58 @@ class PipeComm:
             raise ScheduleError(f"{context}: message {key} was never posted (missing RECV action)")
         what = f"message {key} from pp rank {recv.peer}"
         if recv.tensors is None:
-            self.abort.wait(recv.header_done.done, context=context, what=f"the header of {what}",
-                            events=(recv.header_done.event,))
-            self._post_arrived(until=key)
+            headers = []  # this message's header and those of earlier messages from the peer: posted in order
+            for earlier in self._unposted[recv.peer]:
+                if earlier.header_done is not None:
+                    headers.append(earlier.header_done)
+                if earlier is recv:
+                    break
+            self.abort.wait(lambda: all(d.done() for d in headers), context=context, what=f"the header of {what}",
+                            events=[d.event for d in headers])
+            self._post_ready(recv.peer)
         self.flush()
         del self._recvs[key]
-        self.abort.wait(lambda: all(d.done() for d in recv.dones), context=context, what=f"the payload of {what}",
-                        events=[d.event for d in recv.dones])
-        for work in recv.works:
-            work.wait()  # NCCL: the compute stream waits for the receive; no host sync
+        if recv.dones:
+            self.abort.wait(lambda: all(d.done() for d in recv.dones), context=context,
+                            what=f"the payload of {what}", events=[d.event for d in recv.dones])
+        if recv.works:
+            current = torch.cuda.current_stream(self.device) if self._recv_stream is not None else None
+            for work in recv.works:
+                work.wait()  # NCCL: the compute stream waits for the receive; no host sync
+            if current is not None:
+                for t in recv.tensors:
+                    if t is not None:
+                        t.record_stream(current)
         return tuple(recv.tensors)
 
     def finish(self, *, context: str) -> None:
-        """Wait until every send has completed (end of a step).
+        """Wait until every send has completed (end of a step); shapes seen this step become known.
 
         Raises:
             ScheduleError: a received message was never consumed.
             PeerAborted, CommTimeout: another rank failed, or the deadline passed.
         """
         self.flush()
-        pending = self._sends
-        self.abort.wait(lambda: all(s.header_done.done() and all(d.done() for d in s.dones) for s in pending),
-                        context=context, what=f"{len(pending)} sends to complete")
+        pending = list(self._sends)
+        self.abort.wait(lambda: all(s.host_done() for s in pending), context=context,
+                        what=f"{len(pending)} sends to complete")
         for s in pending:
             for work in s.works:
                 work.wait()
-        self._sends = []
+        self._sends.clear()
         if self._recvs:
             raise ScheduleError(f"{context}: messages {sorted(self._recvs)} were posted but never used")
+        self._known.update(self._learning)
+        self._learning.clear()
 
     def reset(self) -> None:
         """Forget every message (after a failure; the process group is unusable for this step anyway)."""
         self._queued.clear()
         self._recvs.clear()
+        self._unposted.clear()
         self._sends.clear()
+        self._learning.clear()
 
     def close(self) -> None:
         """Stop the waiter threads once their works finish."""
-        for waiter in self._waiters.values():
-            waiter.stop()
-        self._waiters.clear()
+        _stop_waiters(self._waiters)

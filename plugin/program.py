@@ -4,16 +4,21 @@
     insert_p2p(schedule)                        SEND/RECV wherever producer and consumer ranks differ
     forward_only(lowered)                       eval: F and SEND_F/RECV_F only (an FB pair keeps its F)
     RankProgram(actions=lowered.actions[r])     what rank r runs, in order
+    split_serial_pairs(actions, serial)         an F&B pair that runs serially becomes F, its SEND_F, B
 
 Forward-only programs are cut from the lowered training schedule: dropping actions keeps the per-pair
 message order and only removes waits, so the result is as deadlock-free as the training schedule.
 
 All schedule arithmetic lives in `dualmoe.schedule`; the engine only walks `RankProgram.actions`.
 Programs are cached per (train, m), since a step's program depends on nothing else.
+
+`message_links(schedule)` lists the (sender, receiver) rank pairs of every message of all ranks: the p2p
+connections the engine sets up before the first step (`PipeComm.warm_up`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +26,7 @@ from .schedule import generate
 from .schedule.ir import Action, ActionType, Schedule
 from .schedule.lowering import insert_p2p
 
-__all__ = ["RankProgram", "build_program", "forward_only"]
+__all__ = ["RankProgram", "build_program", "forward_only", "message_links", "split_serial_pairs"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,6 +101,44 @@ def forward_only(schedule: Schedule) -> Schedule:
                 kept += [c for c in action.computations() if c.type is ActionType.F]
         actions.append(tuple(kept))
     return schedule.with_actions(tuple(actions))
+
+
+def message_links(schedule: Schedule) -> tuple[tuple[int, int], ...]:
+    """Sorted (sending rank, receiving rank) pairs of every SEND in a lowered schedule, over all ranks."""
+    links = set()
+    for rank, rank_actions in enumerate(schedule.actions):
+        for action in rank_actions:
+            if action.type is ActionType.SEND_F:
+                links.add((rank, schedule.stage_to_rank[schedule.next_stage(action.stage)]))
+            elif action.type is ActionType.SEND_B:
+                links.add((rank, schedule.stage_to_rank[schedule.prev_stage(action.stage)]))
+    return tuple(sorted(links))
+
+
+def split_serial_pairs(actions: tuple[Action, ...], serial: Callable[[Action], bool]) -> tuple[Action, ...]:
+    """Run each F&B pair for which `serial(pair)` holds as F, then F's SEND_F, then B (or I).
+
+    A serial pair computes F then B anyway; as one action its forward output would only be sent after
+    the backward too, and the peer waiting for it would idle meanwhile. Lowering puts a pair's SEND_F
+    right after the pair (before its SEND_B), so moving it between F and B keeps the order of the
+    messages to every peer, and the numbers are those of the pair (F, then B, nothing in between).
+    """
+    out: list[Action] = []
+    index = 0
+    while index < len(actions):
+        action = actions[index]
+        index += 1
+        if action.type is not ActionType.FB or not serial(action):
+            out.append(action)
+            continue
+        forward, backward = action.pair
+        out.append(forward)
+        send = Action(forward.stage, ActionType.SEND_F, forward.microbatch)
+        if index < len(actions) and actions[index] == send:
+            out.append(send)
+            index += 1
+        out.append(backward)
+    return tuple(out)
 
 
 def build_program(kind: str, num_ranks: int, num_microbatches: int, pp_rank: int, *, train: bool) -> RankProgram:

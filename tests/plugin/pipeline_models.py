@@ -9,6 +9,8 @@ in order, each loss divided by the number of micro-batches (and data-parallel re
 from __future__ import annotations
 
 import dataclasses
+import gc
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -210,7 +212,9 @@ def train(rank: int, world_size: int, case: Case) -> dict[str, Any]:
 
     Returns:
         kind -> {"losses": [{global micro-batch: loss}] per step, "mean": [train_batch result] per step,
-                 "grads": {name: grad} of the last step (ZeRO-0 fp32 only), "weights": {name: final weight}}.
+                 "grads": {name: grad} of the last step (ZeRO-0 fp32 only), "weights": {name: final weight},
+                 "headers": p2p headers sent + received after each step, "links": (warmed, used) p2p
+                 connections, "freed": whether the engine was garbage once destroyed and dropped}.
     """
     import deepspeed
     import dualmoe
@@ -235,14 +239,21 @@ def train(rank: int, world_size: int, case: Case) -> dict[str, Any]:
         engine.optimizer.step = capture
         dp_rank = engine.grid.get_data_parallel_rank()
         data, per_step = case.data(), case.dp * case.micro_batches
-        losses, means = [], []
+        losses, means, headers = [], [], []
         for step in range(case.steps):
             first = step * per_step + dp_rank * case.micro_batches
             means.append(float(engine.train_batch(iter(data[first:first + case.micro_batches]))))
             losses.append({dp_rank * case.micro_batches + mb: _numpy(v)
                            for mb, v in engine.micro_batch_losses.items()})
-        out[kind] = {"losses": losses, "mean": means, "grads": grads,
+            headers.append(engine._comm.headers_sent + engine._comm.headers_received)
+        out[kind] = {"losses": losses, "mean": means, "grads": grads, "headers": headers,
+                     "links": (sorted(engine._comm.links_warmed), sorted(engine._comm.links_used)),
                      "weights": {n: _numpy(p) for n, p in engine.module.named_parameters()}}
+        alive = weakref.ref(engine)
+        engine.destroy()  # DeepSpeed's ZeRO optimizers unhook the parameters here
+        del engine, model, step_fn, capture
+        gc.collect()
+        out[kind]["freed"] = alive() is None
     return out
 
 
@@ -251,6 +262,19 @@ def cos_diff(a: Tensor, b: Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     denom = (a * a + b * b).sum()
     return 0.0 if denom == 0 else float(1 - 2 * (a * b).sum() / denom)
+
+
+def _check_comm(case: Case, kind: str, results: list[dict[str, Any]]) -> None:
+    """Every rank warmed exactly the p2p connections it used; static shapes send headers in step 0 only; the
+    engine was freed once destroyed and dropped."""
+    static = dict(case.pipeline).get("static_shapes", "auto") is not False
+    for rank, r in enumerate(results):
+        warmed, used = r[kind]["links"]
+        assert warmed == used and (used or case.pipe == 1), (kind, rank, warmed, used)
+        headers = r[kind]["headers"]
+        assert all(h == headers[0] for h in headers) if static else headers == sorted(set(headers)), \
+            (kind, rank, headers)
+        assert r[kind]["freed"], (kind, rank)
 
 
 def check_against_reference(case: Case, results: list[dict[str, Any]], *, grads: bool = True,
@@ -276,6 +300,7 @@ def check_against_reference(case: Case, results: list[dict[str, Any]], *, grads:
                     torch.allclose(got, ref_losses[step][mb], rtol=1e-5, atol=0), (kind, step, mb)
             mean = float(torch.stack(ref_losses[step]).mean())
             assert all(abs(r[kind]["mean"][step] - mean) <= 1e-6 * max(1.0, abs(mean)) for r in results), kind
+        _check_comm(case, kind, results)
         for what, ref in (("grads", ref_grads if grads else None), ("weights", ref_weights if weights else None)):
             if ref is None:
                 continue

@@ -20,6 +20,8 @@ def test_config_parses_schedule_and_keeps_deepspeed_keys_apart() -> None:
     cfg = parse_pipeline_config(_ds(schedule="dualpipev", timeout_s=12, seed_layers=True, partition="best"))
     assert cfg == PipelineConfig(schedule="dualpipev", timeout_s=12.0)
     assert cfg.split_backward and cfg.overlap and cfg.partition_method == "parameters"
+    assert cfg.static_shapes == "auto"  # static unless the PipelineModule says dynamic_shape=True
+    assert parse_pipeline_config(_ds(schedule="zbv", static_shapes=False)).static_shapes is False
 
 
 def test_config_accepts_the_dualpipe_section_as_alias() -> None:
@@ -47,6 +49,8 @@ def test_config_command_line_override_wins() -> None:
     ({"schedule": "zbv", "partition_method": "profile"}, r"partition_method='profile' is not one of parameters"),
     ({"schedule": "zbv", "trace": {"enabled": True, "step": 3}}, r"pipeline\.trace\.step=3: unknown key"),
     ({"schedule": "zbv", "overlap": "sometimes"}, r"pipeline\.overlap='sometimes'"),
+    ({"schedule": "zbv", "static_shapes": "never"},
+     r"^pipeline\.static_shapes='never': Input should be a valid boolean, .*, or input should be 'auto'$"),
 ])
 def test_config_rejects_bad_keys_naming_key_value_and_valid(pipeline: dict, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):

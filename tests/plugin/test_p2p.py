@@ -1,4 +1,5 @@
-"""Messages between pipeline ranks: headers, mixed dtypes and shapes, absent grads, ordering, deadlines, abort."""
+"""Messages between pipeline ranks: headers, mixed dtypes and shapes, absent grads, ordering, deadlines, abort,
+static shapes (negotiated once, changes refused)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from dualmoe.errors import ScheduleError
+from dualmoe.errors import ConfigError, ScheduleError
 from dualmoe.p2p import HEADER_LEN, TensorMeta, decode_header, encode_header
 
 from tests.harness import run_ranks
@@ -33,7 +34,7 @@ def test_p2p_header_rejects_what_cannot_travel() -> None:
         decode_header(torch.zeros(HEADER_LEN, dtype=torch.int64))
 
 
-def _comm(rank: int, timeout_s: float) -> Any:
+def _comm(rank: int, timeout_s: float, *, static_shapes: bool = False) -> Any:
     import torch.distributed as dist
     from dualmoe.failure import AbortSignal, default_store
     from dualmoe.groups import Groups
@@ -44,7 +45,7 @@ def _comm(rank: int, timeout_s: float) -> Any:
                     dp=dist.group.WORLD, dp_rank=0, dp_global_ranks=(rank,), payload=payload,
                     meta=dist.new_group([0, 1], backend="gloo"))
     abort = AbortSignal(default_store(), prefix="p2p-test", num_ranks=2, timeout_s=timeout_s, where=f"rank {rank}")
-    return PipeComm(groups, device=torch.device("cpu"), abort=abort), abort
+    return PipeComm(groups, device=torch.device("cpu"), abort=abort, static_shapes=static_shapes), abort
 
 
 def _message(k: int) -> list[torch.Tensor | None]:
@@ -56,7 +57,7 @@ def _message(k: int) -> list[torch.Tensor | None]:
 
 def _exchange(rank: int, world_size: int) -> list[Any]:
     comm, _ = _comm(rank, 30)
-    comm.warm_up()
+    comm.warm_up([(0, 1), (1, 0)])
     peer, direction = 1 - rank, ("F", "B")[rank]
     incoming = ("B", "F")[rank]
     for k in range(3):  # receives posted ahead of any send, both ranks at once
@@ -125,3 +126,49 @@ def test_p2p_wait_ends_by_deadline_or_by_abort() -> None:
                                 "('B', 1, 0) from pp rank 1 (pipeline.timeout_s)"), timed_out
     assert aborted == ("PeerAborted: rank 0, step 4, action 0B1: stopped because rank 1 (pp 1), step 4, "
                        "action 1F3: ValueError: boom"), aborted
+
+
+def _static_steps(rank: int, world_size: int) -> dict[str, Any]:
+    comm, _ = _comm(rank, 30, static_shapes=True)
+    comm.warm_up([(0, 1), (1, 0)])
+    peer = 1 - rank
+    out: dict[str, Any] = {"headers": [], "received": []}
+    # Two training steps, then a forward-only step: each kind of step negotiates its own shapes once.
+    for step, train in enumerate((True, True, False, False)):
+        comm.start_step(train=train)
+        if rank == 1:
+            for mb in range(3):
+                comm.post_recv(("F", 0, mb), 0)
+            got = [comm.wait_recv(("F", 0, mb), context=f"step {step}") for mb in range(3)]
+            out["received"].append([[(t.dtype, t.tolist(), t.requires_grad) for t in g] for g in got])
+        else:
+            for mb in range(3):
+                x = torch.full((2, 3), float(10 * step + mb), requires_grad=train)
+                comm.send(("F", 0, mb), peer, [x, torch.arange(3) + mb, torch.tensor([True, False])])
+                comm.progress()
+        comm.finish(context=f"step {step}")
+        out["headers"].append((comm.headers_sent, comm.headers_received))
+    if rank == 0:  # a later step with another shape is refused before anything is sent
+        comm.start_step(train=True)
+        with pytest.raises(ConfigError, match=r"pipeline\.static_shapes: message \('F', 0, 0\) to pp rank 1 \(stage "
+                           r"0 outputs, micro-batch 0\) holds \[float32\[2, 4\]\+grad\] but the first message of "
+                           r"this kind held \[float32\[2, 3\]\+grad, int64\[3\], bool\[2\]\]; .* Set \"pipeline\": "
+                           r"\{\"static_shapes\": false\}"):
+            comm.send(("F", 0, 0), peer, [torch.zeros(2, 4, requires_grad=True)])
+        out["links"] = sorted(comm.links_used)
+    comm.close()
+    return out
+
+
+@pytest.mark.dist
+def test_p2p_static_shapes_negotiated_once_per_kind_of_step_and_changes_refused() -> None:
+    sender, receiver = run_ranks(_static_steps, 2, timeout_s=60)
+    # Headers in the first training step and the first forward-only step only.
+    assert sender["headers"] == [(3, 0), (3, 0), (6, 0), (6, 0)]
+    assert receiver["headers"] == [(0, 3), (0, 3), (0, 6), (0, 6)]
+    for step, got in enumerate(receiver["received"]):
+        train = step < 2
+        for mb, tensors in enumerate(got):
+            assert tensors == [(torch.float32, [[float(10 * step + mb)] * 3] * 2, train),
+                               (torch.int64, [mb, mb + 1, mb + 2], False), (torch.bool, [True, False], False)]
+    assert sender["links"] == [(2, 0, 1)]  # upward, sender parity 0
