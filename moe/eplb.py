@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 from dualmoe.errors import PlacementError
-from dualmoe.moe.eplb_migrate import choose_per_layer
+from dualmoe.moe.eplb_migrate import choose_per_layer, home_swaps, num_remote, relabel
 from dualmoe.moe.eplb_pack import apportion, group_partitions, pack_greedy, place_exactly
 from dualmoe.moe.eplb_search import local_search
 
@@ -41,9 +41,11 @@ __all__ = [
     "Plan",
     "balancedness",
     "gpu_load",
+    "home_ranks",
     "logical_to_physical_map",
     "plan_placement",
     "rebalance_experts",
+    "remote_slots",
     "replica_count_of",
 ]
 
@@ -140,6 +142,8 @@ def plan_placement(
     max_moves: int | None = None,
     min_gain: float = 0.0,
     copy_cost: float = 0.1,
+    home_of: torch.Tensor | bool | None = None,
+    remote_cost: float = 0.0,
 ) -> Plan:
     """Plan a placement for ``load_LE`` that reuses the deployed one where moving is not worth it.
 
@@ -164,6 +168,10 @@ def plan_placement(
         min_gain: skip rule, the least balancedness gain (e.g. 0.005) for which a layer is changed.
         copy_cost: balancedness that changing every slot of a layer must buy, i.e. ``copy_cost / S`` per
             changed slot (0 takes every improving move; the default 0.1 asks 0.00035 per slot at S=288).
+        home_of: [E] int home rank of every logical expert, or True for the block layout of
+            :mod:`dualmoe.moe.placement` (expert e on rank ``e // (E / num_ranks)``), or None (no homes).
+        remote_cost: balancedness that holding *every* slot of a layer off its home must buy, i.e.
+            ``remote_cost / S`` per remote slot (0: homes ignored, the plan is as without ``home_of``).
 
     Returns:
         The :class:`Plan`.
@@ -179,10 +187,22 @@ def plan_placement(
     for name, value in (("min_gain", min_gain), ("copy_cost", copy_cost)):
         if not isinstance(value, (int, float)) or not value >= 0:
             raise PlacementError(f"{name}={value!r}: must be a number >= 0")
+    if not isinstance(remote_cost, (int, float)) or isinstance(remote_cost, bool) or not remote_cost >= 0:
+        raise PlacementError(f"remote_cost={remote_cost!r}: must be a number >= 0")
+    home_E = _check_home(home_of, num_experts, num_ranks)
+    hierarchical = num_groups % num_nodes == 0 and num_nodes > 1
     fresh_LS, _ = _plan_fresh(
         load_LE, num_slots=num_slots, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_ranks
     )
     if current is None:
+        if home_E is not None and remote_cost > 0:
+            groups = num_nodes if hierarchical else 1
+            homed_LS = relabel(fresh_LS, None, num_gpus=num_ranks, num_nodes=groups, home_E=home_E,
+                               home_weight=remote_cost)
+            better_L = num_remote(homed_LS, home_E, num_ranks) < num_remote(fresh_LS, home_E, num_ranks)
+            fresh_LS = torch.where(better_L.unsqueeze(1), homed_LS, fresh_LS)  # the greedy relabel is a heuristic
+            fresh_LS = home_swaps(fresh_LS, load_LE, home_E, num_gpus=num_ranks, num_nodes=groups,
+                                  remote_cost=float(remote_cost))
         after_L = balancedness(fresh_LS, load_LE, num_ranks)
         changed_LS = torch.ones_like(fresh_LS, dtype=torch.bool)
         return _make_plan(fresh_LS, changed_LS, torch.zeros_like(after_L), after_L, num_experts)
@@ -193,13 +213,28 @@ def plan_placement(
         fresh_LS,
         num_gpus=num_ranks,
         num_nodes=num_nodes,
-        hierarchical=num_groups % num_nodes == 0 and num_nodes > 1,
+        hierarchical=hierarchical,
         max_moves=max_moves,
         min_gain=float(min_gain),
         copy_cost=float(copy_cost),
+        home_E=home_E,
+        remote_cost=float(remote_cost),
     )
     before_L = balancedness(current_LS, load_LE, num_ranks)
     return _make_plan(new_LS, new_LS != current_LS, before_L, balancedness(new_LS, load_LE, num_ranks), num_experts)
+
+
+def home_ranks(num_experts: int, num_ranks: int) -> torch.Tensor:
+    """[E] int64 home rank of every logical expert in the block layout: ``e // (E / num_ranks)``."""
+    if num_ranks < 1 or num_experts % num_ranks:
+        raise PlacementError(f"home_of=True: the number of logical experts ({num_experts}) must be divisible by "
+                             f"num_ranks ({num_ranks}) for the block home layout; pass an explicit [E] tensor")
+    return torch.arange(num_experts) // (num_experts // num_ranks)
+
+
+def remote_slots(physical_to_logical: torch.Tensor, home_of: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """[L] int64 slots of a map [L, S] whose GPU is not their logical expert's home rank ``home_of`` [E]."""
+    return num_remote(physical_to_logical, home_of.to(torch.int64), num_gpus)
 
 
 def replica_count_of(physical_to_logical: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -394,6 +429,23 @@ def _check_shape(num_experts: int, num_slots: int, num_groups: int, num_nodes: i
         if num_gpus % num_nodes:
             raise PlacementError(f"{gpus_name}={num_gpus}: must be a multiple of num_nodes ({num_nodes}) "
                                  f"(hierarchical policy, num_groups % num_nodes == 0)")
+
+
+def _check_home(home_of: torch.Tensor | bool | None, num_experts: int, num_ranks: int) -> torch.Tensor | None:
+    if home_of is None or home_of is False:
+        return None
+    if home_of is True:
+        return home_ranks(num_experts, num_ranks)
+    if not isinstance(home_of, torch.Tensor) or tuple(home_of.shape) != (num_experts,):
+        shape = tuple(home_of.shape) if isinstance(home_of, torch.Tensor) else type(home_of).__name__
+        raise PlacementError(f"home_of: expected a [{num_experts}] tensor of home ranks (or True), got {shape}")
+    if home_of.is_floating_point() or home_of.is_complex() or home_of.dtype == torch.bool:
+        raise PlacementError(f"home_of: expected an integer tensor, got dtype {home_of.dtype}")
+    home_E = home_of.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    if bool((home_E < 0).any()) or bool((home_E >= num_ranks).any()):
+        raise PlacementError(f"home_of: home ranks must lie in [0, {num_ranks}), got [{int(home_E.min())}, "
+                             f"{int(home_E.max())}]")
+    return home_E
 
 
 def _check_current(current: torch.Tensor, num_layers: int, num_slots: int, num_experts: int) -> torch.Tensor:

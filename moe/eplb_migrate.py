@@ -6,8 +6,14 @@ with them) must be fetched. GPUs are interchangeable inside a node and nodes are
 fresh plan can be relabelled (nodes permuted, GPUs permuted inside a node, slots permuted inside a GPU)
 without changing any GPU's load; relabelling only changes how many slots need a copy.
 
+Home awareness (training): every logical expert's trainable weights live on a fixed *home* rank; a
+slot on any other rank is a *remote* copy refreshed from the home (and its gradient sent home) every
+step. With ``home_E`` and ``remote_cost > 0`` every candidate also pays ``remote_cost / S`` per remote
+slot: relabelling weighs slots brought home against copies saved, and :func:`home_swaps` exchanges a
+remote replica with a slot on its home rank wherever the full objective rises.
+
 Legend (shape suffixes): L layers, E logical experts, S slots, G GPUs, N nodes, R rows, A items to
-assign (nodes or GPUs), T slots of one GPU, K permutations.
+assign (nodes or GPUs), T slots of one GPU, K permutations, C candidates.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import itertools
 import torch
 from dualmoe.moe.eplb_search import local_search
 
-__all__ = ["choose_per_layer", "relabel"]
+__all__ = ["choose_per_layer", "home_swaps", "num_remote", "relabel"]
 
 _EXACT_ASSIGN_MAX = 6  # enumerate all permutations up to this many nodes/GPUs (720)
 _EXCHANGE_ROUNDS = 8  # rounds of pairwise exchanges after the greedy assignment (one exchange per row each)
 _EXCHANGE_MAX = 64  # ... only for up to this many GPUs per node
+_HOME_SWAP_TOL = 1e-12  # a home swap must raise the objective by more than this
 
 
 def choose_per_layer(
@@ -35,10 +42,17 @@ def choose_per_layer(
     max_moves: int | None,
     min_gain: float,
     copy_cost: float,
+    home_E: torch.Tensor | None = None,
+    remote_cost: float = 0.0,
 ) -> torch.Tensor:
     """Per layer the best of (deployed, sticky, relabelled fresh) by
-    ``balancedness - copy_cost * changed_slots / S`` within ``max_moves`` changed slots; layers gaining
-    less than ``min_gain`` stay as deployed. Returns the new map [L, S]."""
+    ``balancedness - copy_cost * changed_slots / S - remote_cost * remote_slots / S`` within
+    ``max_moves`` changed slots; layers gaining less than ``min_gain`` balancedness stay as deployed.
+
+    With ``home_E`` and ``remote_cost > 0`` two home-aware candidates join: the sticky plan after
+    :func:`home_swaps`, and the fresh plan relabelled for copies *and* homes, then home-swapped. A layer
+    whose winner would hold more remote slots than the winner without remote cost keeps the latter, so
+    the remote cost never adds remote slots. Returns the new map [L, S]."""
     num_layers, num_slots = current_LS.shape
     num_experts = load_LE.shape[1]
     groups = num_nodes if hierarchical else 1
@@ -58,57 +72,210 @@ def choose_per_layer(
         domain_P=domain_G,
         max_iters=num_slots if max_moves is None else max_moves,
     )
-    cands_CLS = torch.stack([current_LS, sticky_LS, fresh_LS])
+    homes = home_E is not None and remote_cost > 0
+    cands = [current_LS, sticky_LS, fresh_LS]
+    if homes:
+        cands.append(home_swaps(sticky_LS, load_LE, home_E, num_gpus=num_gpus, num_nodes=groups, current_LS=current_LS,
+                                copy_cost=copy_cost, remote_cost=remote_cost, max_moves=max_moves))
+        cands.append(fresh_LS.clone())
+    cands_CLS = torch.stack(cands)
     bal_CL = torch.stack([_balancedness(c, load_LE, num_gpus) for c in cands_CLS])
-    copies_CL = (cands_CLS[:2] != current_LS).sum(-1)
-    score_CL = bal_CL[:2] - copy_cost * copies_CL / num_slots
-    # The fresh plan is relabelled only where it could win even with no copy at all.
-    maybe_L = (bal_CL[2] > score_CL.max(0).values) & (bal_CL[2] - bal_CL[0] >= min_gain)
-    fresh_score_L = torch.full((num_layers,), -float("inf"), dtype=torch.float64)
+    # The fresh plans are relabelled only where they could win even with no copy at all.
+    plain_CL = bal_CL - copy_cost * (cands_CLS != current_LS).sum(-1) / num_slots
+    maybe_L = (bal_CL[2] > plain_CL[:2].max(0).values) & (bal_CL[2] - bal_CL[0] >= min_gain)
+    fresh_C = [2, 4] if homes else [2]
     if bool(maybe_L.any()):
         layers = torch.nonzero(maybe_L).squeeze(1)
         cands_CLS[2, layers] = relabel(fresh_LS[layers], current_LS[layers], num_gpus=num_gpus, num_nodes=groups)
-        copies_L = (cands_CLS[2, layers] != current_LS[layers]).sum(-1)
-        fresh_score_L[layers] = bal_CL[2, layers] - copy_cost * copies_L / num_slots
-        if max_moves is not None:
-            fresh_score_L[layers] = torch.where(copies_L <= max_moves, fresh_score_L[layers], -float("inf"))
+        if homes:
+            aware = relabel(fresh_LS[layers], current_LS[layers], num_gpus=num_gpus, num_nodes=groups,
+                            home_E=home_E, copy_weight=copy_cost, home_weight=remote_cost)
+            cands_CLS[4, layers] = home_swaps(aware, load_LE[layers], home_E, num_gpus=num_gpus, num_nodes=groups,
+                                              current_LS=current_LS[layers], copy_cost=copy_cost,
+                                              remote_cost=remote_cost, max_moves=max_moves)
+            bal_CL[4, layers] = _balancedness(cands_CLS[4, layers], load_LE[layers], num_gpus)
+    copies_CL = (cands_CLS != current_LS).sum(-1)
+    plain_CL = bal_CL - copy_cost * copies_CL / num_slots
+    for c in fresh_C:
+        plain_CL[c] = torch.where(maybe_L, plain_CL[c], -float("inf"))
     if max_moves is not None:
-        score_CL[1] = torch.where(copies_CL[1] <= max_moves, score_CL[1], -float("inf"))
-    score_CL = torch.cat([score_CL, fresh_score_L.unsqueeze(0)])
-    best_L = score_CL.argmax(0)  # first on ties: deployed, then sticky, then fresh
-    best_L = torch.where(bal_CL[best_L, torch.arange(num_layers)] - bal_CL[0] < min_gain, 0, best_L)
-    return cands_CLS[best_L, torch.arange(num_layers)]
+        plain_CL = torch.where(copies_CL <= max_moves, plain_CL, -float("inf"))
+    layers_L = torch.arange(num_layers)
+    best_L = plain_CL[:3].argmax(0)  # first on ties: deployed, then sticky, then fresh
+    if homes:
+        remote_CL = num_remote(cands_CLS, home_E, num_gpus)
+        aware_L = (plain_CL - remote_cost * remote_CL / num_slots).argmax(0)
+        fewer_L = remote_CL[aware_L, layers_L] <= remote_CL[best_L, layers_L]
+        best_L = torch.where(fewer_L, aware_L, best_L)
+    best_L = torch.where(bal_CL[best_L, layers_L] - bal_CL[0] < min_gain, 0, best_L)
+    return cands_CLS[best_L, layers_L]
 
 
-def relabel(new_LS: torch.Tensor, current_LS: torch.Tensor, *, num_gpus: int, num_nodes: int) -> torch.Tensor:
+def num_remote(placement_LS: torch.Tensor, home_E: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """[...] int64 slots whose GPU is not their expert's home (placement [..., S])."""
+    num_slots = placement_LS.shape[-1]
+    gpu_S = torch.arange(num_slots) // (num_slots // num_gpus)
+    return (home_E[placement_LS] != gpu_S).sum(-1)
+
+
+def home_swaps(
+    placement_LS: torch.Tensor,
+    load_LE: torch.Tensor,
+    home_E: torch.Tensor,
+    *,
+    num_gpus: int,
+    num_nodes: int = 1,
+    current_LS: torch.Tensor | None = None,
+    copy_cost: float = 0.0,
+    remote_cost: float,
+    max_moves: int | None = None,
+    max_iters: int | None = None,
+) -> torch.Tensor:
+    """Bring remote replicas home by swaps; returns the new map [L, S] (the input is not modified).
+
+    A swap exchanges a slot on GPU p holding expert a whose home is h != p with a slot on h holding b;
+    it is taken (per layer, the best one per iteration) when it raises
+    ``balancedness - copy_cost * changed / S - remote_cost * remote / S``, puts no second replica of an
+    expert on a GPU, stays inside the node (``num_nodes`` > 1: home rank r on node r // (G / N)) and, with
+    ``current_LS`` and ``max_moves``, keeps the changed slots within the budget. Only strict gains are
+    taken, so the search ends; a replica of a multi-replica expert whose home already hosts another
+    replica stays remote (one copy per GPU)."""
+    out_LS = placement_LS.clone()
+    num_layers, num_slots = out_LS.shape
+    num_experts = load_LE.shape[1]
+    per_gpu = num_slots // num_gpus
+    gpu_S = torch.arange(num_slots) // per_gpu
+    node_G = torch.arange(num_gpus) // (num_gpus // num_nodes)
+    load_LE = load_LE.to(torch.float64)
+    count_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+    count_LE.scatter_add_(1, out_LS, torch.ones_like(out_LS))
+    share_LE = load_LE / count_LE.clamp(min=1)  # swaps keep replica counts
+    mean_L = load_LE.sum(-1) / num_gpus
+    rows = torch.arange(num_layers)
+    for _ in range(num_slots if max_iters is None else max_iters):
+        if rows.numel() == 0:
+            break
+        x_RS = out_LS[rows]
+        num_rows = rows.numel()
+        r1 = torch.arange(num_rows)
+        presence_RGE = torch.zeros(num_rows, num_gpus, num_experts, dtype=torch.bool)
+        presence_RGE[r1.unsqueeze(1), gpu_S.expand(num_rows, -1), x_RS] = True
+        slot_load_RS = share_LE[rows].gather(1, x_RS)
+        gpu_RG = slot_load_RS.view(num_rows, num_gpus, per_gpu).sum(-1)
+        top_R = gpu_RG.max(-1).values
+        home_RS = home_E[x_RS]  # h: the home of every slot's expert
+        # Partner slots j: the slots of h, [R, S, T].
+        slot_j = home_RS.unsqueeze(2) * per_gpu + torch.arange(per_gpu)
+        b_RST = x_RS.gather(1, slot_j.view(num_rows, -1)).view(num_rows, num_slots, per_gpu)
+        y_RST = slot_load_RS.gather(1, slot_j.view(num_rows, -1)).view(num_rows, num_slots, per_gpu)
+        p_S = gpu_S.expand(num_rows, -1)
+        ok_RS = (home_RS != p_S) & ~presence_RGE[r1.unsqueeze(1), home_RS, x_RS]
+        if num_nodes > 1:
+            ok_RS &= node_G[home_RS] == node_G[p_S]
+        ok_RST = ok_RS.unsqueeze(2) & ~presence_RGE[r1.view(-1, 1, 1), p_S.unsqueeze(2), b_RST]
+        home_b = home_E[b_RST]
+        dhome = 1 + (home_b == p_S.unsqueeze(2)).long() - (home_b == home_RS.unsqueeze(2)).long()
+        # New max: the two touched GPUs after the swap, or the largest untouched one (top 3 suffice).
+        top3_v, top3_i = gpu_RG.topk(min(3, num_gpus), dim=-1)
+        touched = (top3_i.unsqueeze(1) == p_S.unsqueeze(2)) | (top3_i.unsqueeze(1) == home_RS.unsqueeze(2))
+        other_RS = top3_v.unsqueeze(1).masked_fill(touched, 0.0).amax(-1)
+        delta_RST = slot_load_RS.unsqueeze(2) - y_RST
+        new_p = gpu_RG.gather(1, p_S).unsqueeze(2) - delta_RST
+        new_h = gpu_RG.gather(1, home_RS).unsqueeze(2) + delta_RST
+        new_top = torch.maximum(torch.maximum(new_p, new_h), other_RS.unsqueeze(2))
+        m = mean_L[rows].view(-1, 1, 1)
+        dbal = torch.where(new_top > 0, m / new_top.clamp(min=1e-300), 1.0) - torch.where(
+            top_R > 0, mean_L[rows] / top_R.clamp(min=1e-300), 1.0).view(-1, 1, 1)
+        score = dbal + remote_cost * dhome / num_slots
+        if current_LS is not None:
+            cur_RS = current_LS[rows]
+            cur_i = cur_RS.unsqueeze(2)
+            cur_j = cur_RS.gather(1, slot_j.view(num_rows, -1)).view(num_rows, num_slots, per_gpu)
+            a_RS1 = x_RS.unsqueeze(2)
+            dchanged = ((b_RST != cur_i).long() - (a_RS1 != cur_i).long() + (a_RS1 != cur_j).long()
+                        - (b_RST != cur_j).long())
+            score -= copy_cost * dchanged / num_slots
+            if max_moves is not None:
+                changed_R = (x_RS != cur_RS).sum(-1).view(-1, 1, 1)
+                ok_RST &= changed_R + dchanged <= max_moves
+        score = score.masked_fill(~ok_RST | (dhome < 1), -float("inf"))
+        best_R, flat_R = score.view(num_rows, -1).max(-1)
+        take = best_R > _HOME_SWAP_TOL
+        if not bool(take.any()):
+            break
+        rows, flat_R = rows[take], flat_R[take]
+        slot_i = flat_R // per_gpu
+        slot_jj = slot_j[take].view(rows.numel(), -1).gather(1, flat_R.unsqueeze(1)).squeeze(1)
+        a, b = out_LS[rows, slot_i], out_LS[rows, slot_jj]
+        out_LS[rows, slot_i] = b
+        out_LS[rows, slot_jj] = a
+    return out_LS
+
+
+def relabel(new_LS: torch.Tensor, current_LS: torch.Tensor | None, *, num_gpus: int, num_nodes: int,
+            home_E: torch.Tensor | None = None, copy_weight: float = 1.0, home_weight: float = 0.0) -> torch.Tensor:
     """Permute nodes, GPUs inside nodes and slots inside GPUs of ``new_LS`` so that as many slots as
-    possible keep their deployed expert; every GPU keeps its multiset of experts. [L, S]"""
+    possible keep their deployed expert; every GPU keeps its multiset of experts. [L, S]
+
+    With ``home_E`` and ``home_weight > 0`` the permutation maximises ``copy_weight * kept slots +
+    home_weight * slots on their expert's home GPU`` instead (``current_LS`` may then be None: homes only).
+    """
     num_layers, num_slots = new_LS.shape
-    num_experts = int(torch.maximum(new_LS.max(), current_LS.max())) + 1
+    use_home = home_E is not None and home_weight > 0
+    if current_LS is None and not use_home:
+        return new_LS.clone()
+    copy_weight = copy_weight if current_LS is not None else 0.0
+    if not use_home:
+        copy_weight, home_weight = 1.0, 0.0
+    num_experts = int(new_LS.max()) + 1
+    if current_LS is not None:
+        num_experts = max(num_experts, int(current_LS.max()) + 1)
+    if use_home:
+        num_experts = max(num_experts, home_E.numel())
     per_gpu = num_slots // num_gpus
     gpus_per_node = num_gpus // num_nodes
     new_LGT = new_LS.view(num_layers, num_gpus, per_gpu)
-    old_LGT = current_LS.view(num_layers, num_gpus, per_gpu)
+    old_LGT = current_LS.view(num_layers, num_gpus, per_gpu) if current_LS is not None else None
     if num_nodes > 1:
-        new_node = _presence(new_LGT, num_experts).view(num_layers, num_nodes, gpus_per_node, -1).sum(2)
-        old_node = _presence(old_LGT, num_experts).view(num_layers, num_nodes, gpus_per_node, -1).sum(2)
-        overlap = torch.minimum(new_node.unsqueeze(2), old_node.unsqueeze(1)).sum(-1)
+        overlap = torch.zeros(num_layers, num_nodes, num_nodes, dtype=torch.float64)
+        if old_LGT is not None and copy_weight > 0:
+            new_node = _presence(new_LGT, num_experts).view(num_layers, num_nodes, gpus_per_node, -1).sum(2)
+            old_node = _presence(old_LGT, num_experts).view(num_layers, num_nodes, gpus_per_node, -1).sum(2)
+            overlap += copy_weight * torch.minimum(new_node.unsqueeze(2), old_node.unsqueeze(1)).sum(-1)
+        if use_home:
+            home_node = (home_E[new_LGT] // gpus_per_node).view(num_layers, num_nodes, -1)
+            overlap += home_weight * _histogram(home_node, num_nodes)
         node_perm_LN = _assign(overlap)
         new_LGT = _permute_blocks(new_LGT.view(num_layers, num_nodes, gpus_per_node, per_gpu), node_perm_LN)
         new_LGT = new_LGT.view(num_layers, num_gpus, per_gpu)
-    # GPU overlap [rows, new GPU, old GPU]: for every new slot, which old GPUs of the node hold its expert
-    # (a gather of T rows per new GPU instead of a product over all E experts).
     rows = num_layers * num_nodes
-    old_holds = torch.zeros(rows, num_experts * gpus_per_node, dtype=torch.bool)
-    old_RGT = old_LGT.reshape(rows, gpus_per_node, per_gpu)
-    old_holds.scatter_(1, (old_RGT * gpus_per_node + torch.arange(gpus_per_node).view(1, -1, 1)).view(rows, -1), True)
     new_RGT = new_LGT.reshape(rows, gpus_per_node, per_gpu)
-    holds_REG = old_holds.view(rows, num_experts, gpus_per_node)
-    overlap_RGG = holds_REG[torch.arange(rows).view(-1, 1, 1), new_RGT].sum(2, dtype=torch.float32)
+    overlap_RGG = torch.zeros(rows, gpus_per_node, gpus_per_node, dtype=torch.float32)
+    if old_LGT is not None and copy_weight > 0:
+        # GPU overlap [rows, new GPU, old GPU]: for every new slot, which old GPUs of the node hold its
+        # expert (a gather of T rows per new GPU instead of a product over all E experts).
+        old_holds = torch.zeros(rows, num_experts * gpus_per_node, dtype=torch.bool)
+        old_RGT = old_LGT.reshape(rows, gpus_per_node, per_gpu)
+        old_holds.scatter_(1, (old_RGT * gpus_per_node + torch.arange(gpus_per_node).view(1, -1, 1)).view(rows, -1),
+                           True)
+        holds_REG = old_holds.view(rows, num_experts, gpus_per_node)
+        overlap_RGG += copy_weight * holds_REG[torch.arange(rows).view(-1, 1, 1), new_RGT].sum(2, dtype=torch.float32)
+    if use_home:  # slots of new GPU a whose home is GPU b of the same node (nodes already in place)
+        home_RGT = home_E[new_RGT] - (torch.arange(rows) % num_nodes * gpus_per_node).view(-1, 1, 1)
+        home_RGT = torch.where((home_RGT >= 0) & (home_RGT < gpus_per_node), home_RGT, gpus_per_node)
+        overlap_RGG += home_weight * _histogram(home_RGT, gpus_per_node + 1)[..., :gpus_per_node].float()
     gpu_perm = _assign(overlap_RGG)
-    new_RAT = _permute_blocks(new_LGT.view(rows, gpus_per_node, per_gpu), gpu_perm)
+    new_RAT = _permute_blocks(new_RGT, gpu_perm)
+    if old_LGT is None:
+        return new_RAT.reshape(num_layers, num_slots)
     aligned = _align_slots(new_RAT.reshape(-1, per_gpu), old_LGT.reshape(-1, per_gpu))
     return aligned.view(num_layers, num_slots)
+
+
+def _histogram(index_RAT: torch.Tensor, size: int) -> torch.Tensor:
+    """[R, A, size] float64: how many entries of every row of ``index_RAT`` [R, A, T] equal each value."""
+    out = torch.zeros(*index_RAT.shape[:2], size, dtype=torch.float64)
+    return out.scatter_add_(2, index_RAT, torch.ones_like(index_RAT, dtype=torch.float64))
 
 
 def _balancedness(placement_LS: torch.Tensor, load_LE: torch.Tensor, num_gpus: int) -> torch.Tensor:
