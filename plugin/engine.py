@@ -267,7 +267,13 @@ class DualPipeEngine(StepMixin, CheckpointMixin, PipelineEngine):
             state.logits[f.microbatch] = outputs[0] if len(outputs) == 1 else outputs
 
     def _scale_loss(self, loss: Tensor) -> Tensor:
-        """DeepSpeed's scaling: divide by gradient_accumulation_steps, then the fp16 loss scale if any."""
+        """Divide by gradient_accumulation_steps, then apply the fp16 loss scale the optimizer will divide by.
+
+        ZeRO optimizers and torch autocast's grad scaler scale as `DeepSpeedEngine.backward` does. ZeRO-0 fp16
+        (FP16_Optimizer / FP16_UnfusedOptimizer) scales as those optimizers' own `backward()` does (`cur_scale`,
+        or the external scale): DeepSpeed 0.19.8's `engine.backward` skips that call, so its step() divides grads
+        that were never scaled by the loss scale (deepspeedai/DeepSpeed#8393); here updates equal fp32's.
+        """
         loss = loss / self.gradient_accumulation_steps()
         opt = self.optimizer
         if isinstance(opt, ZeROOptimizer):

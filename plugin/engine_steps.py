@@ -56,6 +56,7 @@ class StepMixin:
         if program.train:
             with torch.profiler.record_function("dualmoe/reduce_shared_grads"):
                 self._reduce_shared_grads()
+                self._mark_replicated_grads()
             with torch.profiler.record_function("dualmoe/reduce_grads"):
                 self._exec_reduce_grads()
             with torch.profiler.record_function("dualmoe/optimizer_step"):
@@ -135,6 +136,21 @@ class StepMixin:
                         p.grad = torch.zeros_like(p)
                     grads.append(p.grad)
             _all_reduce_flat(grads, group)
+
+    def _mark_replicated_grads(self) -> None:
+        """Flag the grads of replicated copies too: DeepSpeed 0.19.8's FP16_UnfusedOptimizer hands `get_weight_norm`
+        the grads, not the parameters, so its `ds_pipe_replicated` test would count every copy in the clip norm."""
+        for p in self._replicated_params:
+            if p.grad is not None:
+                p.grad.ds_pipe_replicated = True
+
+    @property
+    def _replicated_params(self) -> list[Tensor]:
+        params = getattr(self, "_replicated_cache", None)
+        if params is None:
+            params = self._replicated_cache = [p for p in self.module.parameters()
+                                               if getattr(p, "ds_pipe_replicated", False)]
+        return params
 
     def clip_fp32_gradients(self) -> None:
         """Clip to `gradient_clipping` by the global norm over the pipeline, each shared copy counted once."""

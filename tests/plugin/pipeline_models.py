@@ -178,7 +178,7 @@ class Case:
     num_layers: int = 8
     steps: int = 1
     lr: float = 0.0
-    dtype: str = "fp32"  # "fp32" or "bf16" (data and the DeepSpeed "bf16" section)
+    dtype: str = "fp32"  # "fp32", "bf16" or "fp16" (data and the DeepSpeed "bf16"/"fp16" section)
     clip: float = 0.0  # gradient_clipping
     extra: tuple[tuple[str, Any], ...] = ()  # top-level DeepSpeed keys
     pipeline: tuple[tuple[str, Any], ...] = ()  # extra "pipeline" keys
@@ -188,7 +188,7 @@ class Case:
 
     def data(self, dtype: torch.dtype | None = None) -> list[tuple[Tensor, Tensor]]:
         """All micro-batches of all steps and replicas: step-major, then replica, then micro-batch."""
-        dtype = dtype or (torch.bfloat16 if self.dtype == "bf16" else torch.float32)
+        dtype = dtype or {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.dtype, torch.float32)
         return batches("mlp" if self.model == "mlp" else "tokens", self.steps * self.dp * self.micro_batches,
                        seed=7, dtype=dtype)
 
@@ -199,6 +199,8 @@ class Case:
                "pipeline": {"schedule": kind, "timeout_s": 60, "partition_method": "uniform", **dict(self.pipeline)}}
         if self.dtype == "bf16":
             cfg["bf16"] = {"enabled": True}
+        if self.dtype == "fp16":
+            cfg["fp16"] = {"enabled": True, "initial_scale_power": 8}
         cfg.update(dict(self.extra))
         return cfg
 
@@ -247,6 +249,7 @@ def train(rank: int, world_size: int, case: Case) -> dict[str, Any]:
                            for mb, v in engine.micro_batch_losses.items()})
             headers.append(engine._comm.headers_sent + engine._comm.headers_received)
         out[kind] = {"losses": losses, "mean": means, "grads": grads, "headers": headers,
+                     "skipped": engine.skipped_steps,
                      "links": (sorted(engine._comm.links_warmed), sorted(engine._comm.links_used)),
                      "weights": {n: _numpy(p) for n, p in engine.module.named_parameters()}}
         alive = weakref.ref(engine)
