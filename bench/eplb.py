@@ -16,6 +16,12 @@ Metrics: plan time (min over repeats, wall clock), balancedness (sum over layers
 of max GPU load, an expert's load split evenly over its replicas) on each window, duplicate replicas on
 one GPU, and expert copies per rebalance after the drift: a fresh plan (as is, and relabelled onto the
 deployed one) versus ``plan_placement`` (migration-aware, default settings), as a share of all slots.
+
+``--homes`` adds the home-aware table (no reference needed): remote slots per rank (slots whose expert's
+trainable weights live on another EP rank, e // (E/G)) with ``remote_cost`` 0 and the Rebalancer's
+default 0.05 (``copy_cost`` 1e-4 as the Rebalancer), planned from the identity placement (home blocks,
+then replicas of the next rank's experts) and from the previous plan after the drift, at the EP=4
+benchmark shape (64 experts, 80 slots, 4 ranks, 1 node) and at DeepSeek-V3 shape.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from dualmoe.moe.eplb import gpu_load, plan_placement, rebalance_experts
+from dualmoe.moe.eplb import gpu_load, home_ranks, plan_placement, rebalance_experts, remote_slots
 from dualmoe.moe.eplb_migrate import relabel
+from dualmoe.moe.placement import Placement
 from tqdm import tqdm
 
 NUM_LAYERS, NUM_EXPERTS, TOKENS, TOP_K = 58, 256, 65536, 8
@@ -172,6 +179,61 @@ def run_case(shape: Shape, skew: float, windows: dict[str, torch.Tensor], ref, r
     return row
 
 
+HOME_SHAPES = [  # (name, experts, shape)
+    ("EP=4 E=64", 64, Shape(80, 1, 1, 4)),
+    ("DSV3 hier", NUM_EXPERTS, Shape(288, 8, 4, 32)),
+    ("DSV3 glob", NUM_EXPERTS, Shape(288, 1, 1, 32)),
+]
+
+
+def home_rows(skew: float, seed: int, drift: float, remote_costs: tuple[float, ...] = (0.0, 0.05)) -> list[dict]:
+    """Remote slots per rank with and without ``remote_cost`` (see the module docstring)."""
+    out = []
+    for name, experts, shape in HOME_SHAPES:
+        gen = torch.Generator().manual_seed(seed)
+        base = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** skew
+        prob = torch.stack([base[torch.randperm(experts, generator=gen)] for _ in range(NUM_LAYERS)])
+        prob = prob / prob.sum(-1, keepdim=True)
+        moved = torch.stack([base[torch.randperm(experts, generator=gen)] for _ in range(NUM_LAYERS)])
+        moved = (1 - drift) * prob + drift * moved / moved.sum(-1, keepdim=True)
+        plan_w, drift_w = draw(gen, prob), draw(gen, moved)
+        home = home_ranks(experts, shape.gpus)
+        ident = Placement.identity(experts, shape.slots, num_ranks=shape.gpus).physical_to_logical
+        kwargs = dict(num_slots=shape.slots, num_nodes=shape.nodes, num_ranks=shape.gpus, num_groups=shape.groups,
+                      copy_cost=1e-4, home_of=home)
+        starts = {"identity": (torch.tensor(ident).expand(NUM_LAYERS, -1).contiguous(), plan_w)}
+        previous = plan_placement(plan_w, starts["identity"][0], remote_cost=0.0, **kwargs).physical_to_logical
+        starts["previous plan, drift"] = (previous, drift_w)
+        for start, (current, load) in starts.items():
+            for remote_cost in remote_costs:
+                start_s = time.perf_counter()
+                plan = plan_placement(load, current, remote_cost=remote_cost, **kwargs)
+                ms = (time.perf_counter() - start_s) * 1e3
+                new = plan.physical_to_logical
+                out.append({"shape": name, "start": start, "remote_cost": remote_cost, "ms": ms,
+                            "remote_per_rank": _per_rank(new, home, shape.gpus),
+                            "remote_before": _per_rank(current, home, shape.gpus),
+                            "least": (shape.slots - experts) / shape.gpus,
+                            "balancedness": overall(new, load, shape.gpus),
+                            "copies_per_layer": plan.num_copies / NUM_LAYERS})
+    return out
+
+
+def _per_rank(placement_LS: torch.Tensor, home_E: torch.Tensor, gpus: int) -> float:
+    return float(remote_slots(placement_LS, home_E, gpus).double().mean()) / gpus
+
+
+def print_home_table(rows: list[dict], skew: float) -> None:
+    print(f"\nHome awareness (Zipf {skew}, {NUM_LAYERS} layers, copy_cost 1e-4): remote slots per rank")
+    print("| shape | planned from | remote_cost | remote/rank before | remote/rank after (least) | balancedness "
+          "| copies/layer | plan ms |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['shape']} | {r['start']} | {r['remote_cost']} | {r['remote_before']:.2f} | "
+              f"{r['remote_per_rank']:.2f} ({r['least']:.0f}) | {r['balancedness']:.4f} | "
+              f"{r['copies_per_layer']:.1f} | {r['ms']:.0f} |")
+
+
 def machine() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -244,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copy-cost", type=float, default=0.1, help="plan_placement copy_cost")
     parser.add_argument("--max-moves-frac", type=float, default=0.15,
                         help="budgeted migration-aware run: max_moves = this share of the slots per layer")
+    parser.add_argument("--homes", action="store_true", help="also the home-aware table (remote slots per rank)")
+    parser.add_argument("--homes-only", action="store_true", help="only the home-aware table")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--png", help="draw balancedness and plan time here")
     args = parser.parse_args(argv)
@@ -253,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: no reference eplb.py under {args.ref_dir!r}; reference columns left empty", file=sys.stderr)
     shapes = SHAPES[:4] if args.quick else SHAPES
     skews = args.skews[:1] if args.quick else args.skews
+    if args.homes_only:
+        homes = home_rows(0.6, args.seed, args.drift)
+        print(f"machine: {machine()}; date: {datetime.date.today().isoformat()}")
+        print_home_table(homes, 0.6)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"homes": homes}, indent=1))
+        return 0
     cases = [(skew, shape) for skew in skews for shape in shapes]
     rows = []
     windows_by_skew: dict[float, dict[str, torch.Tensor]] = {}
@@ -266,11 +337,15 @@ def main(argv: list[str] | None = None) -> int:
                              args.copy_cost, args.max_moves_frac))
     print(f"machine: {machine()}; date: {datetime.date.today().isoformat()}")
     print_table(rows)
+    homes = home_rows(0.6, args.seed, args.drift) if args.homes else []
+    if homes:
+        print_home_table(homes, 0.6)
     if args.json:
         meta = {"machine": machine(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                 "reference": None if ref is None else args.ref_dir, "drift": args.drift, "seed": args.seed,
                 "tokens": TOKENS, "top_k": TOP_K, "layers": NUM_LAYERS, "experts": NUM_EXPERTS}
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
+        results = {"meta": meta, "rows": [asdict(r) for r in rows], "homes": homes}
+        Path(args.json).write_text(json.dumps(results, indent=1))
     if args.png:
         plot(rows, args.png, ref is not None)
     return 0

@@ -59,7 +59,7 @@ from torch import Tensor
 from torch.profiler import record_function
 
 from .config import EplbConfig
-from .eplb import Plan, gpu_load, plan_placement
+from .eplb import Plan, gpu_load, home_ranks, plan_placement
 from .layer import MoELayer
 from .placement import Placement
 from .rebalance_plan import SlotCopy, chunk_copies, plan_copies, plan_digest
@@ -200,6 +200,8 @@ class Rebalancer:
         debug: all-gather plan digests before migrating (one extra collective per rebalance).
         monitor: DeepSpeed's `engine.monitor` (events are written on global rank 0 when it is enabled).
         copy_cost: the planner's balancedness price of one slot copy (`plan_placement`).
+        remote_cost: the planner's balancedness price of holding every slot of a layer off its expert's home
+            rank (`plan_placement`'s `remote_cost`; homes are the block layout e // (E/P)); 0 ignores homes.
         name: distinguishes rebalancers that share a store (e.g. one per pipeline stage).
         fault_hook: test seam, see `FaultHook`.
     """
@@ -208,7 +210,8 @@ class Rebalancer:
                  num_groups: int | None = None, group: dist.ProcessGroup | None = None,
                  chunk_bytes: int = 256 << 20, timeout_s: float = 300.0, agree_timeout_s: float | None = None,
                  debug: bool = False, monitor: Any = None,
-                 copy_cost: float = 1e-4, name: str = "moe", fault_hook: FaultHook | None = None) -> None:
+                 copy_cost: float = 1e-4, remote_cost: float = 0.05, name: str = "moe",
+                 fault_hook: FaultHook | None = None) -> None:
         if not layers:
             raise ConfigError("Rebalancer needs at least one MoE layer")
         first = layers[0]
@@ -233,6 +236,7 @@ class Rebalancer:
         self.chunk_bytes, self.timeout_s, self.debug = chunk_bytes, timeout_s, debug
         self.agree_timeout_s = timeout_s if agree_timeout_s is None else agree_timeout_s
         self.monitor, self.copy_cost, self.fault_hook = monitor, copy_cost, fault_hook
+        self.remote_cost = remote_cost
         self._device = first.experts.gate_up_proj.device
         self.num_applied = self.num_failed = self.num_skipped = 0
         self.stall_s = 0.0
@@ -264,7 +268,8 @@ class Rebalancer:
         try:
             return plan_placement(load, self.current_maps(), num_slots=self.num_slots, num_nodes=nodes,
                                   num_ranks=self.ep_size, num_groups=groups, max_moves=self.config.max_moves,
-                                  min_gain=self.config.min_gain, copy_cost=self.copy_cost)
+                                  min_gain=self.config.min_gain, copy_cost=self.copy_cost,
+                                  home_of=home_ranks(self.num_experts, self.ep_size), remote_cost=self.remote_cost)
         finally:
             torch.set_num_threads(threads)
 
