@@ -6,7 +6,10 @@
 
 With `"pipeline": {"schedule": "dualpipev"}` (or "1f1b", "zb1p", "zbv", "dualpipe") in the DeepSpeed JSON and
 a stock `deepspeed.pipe.PipelineModule`, `initialize` re-cuts the module for the schedule (`dualmoe.stage`)
-and returns a `DualPipeEngine`; without a schedule key it *is* `deepspeed.initialize`. `install()` wraps
+and returns a `DualPipeEngine`; without a schedule key it *is* `deepspeed.initialize`. A model (or, in a
+pipeline, this rank's stages) holding `dualmoe.moe` MoE layers gets the MoE-aware subclass of the engine
+(`dualmoe.moe.hooks.moe_engine_class`: replica grads, load statistics, router bias, EPLB, MoE checkpoints);
+models without MoE layers get DeepSpeed's class unchanged. `install()` wraps
 `deepspeed.initialize` so unmodified scripts, and accelerate (which looks the function up at call time),
 get the same behaviour from the JSON alone; `uninstall()` puts the original back.
 
@@ -21,8 +24,9 @@ instance over it is re-pointed); optimizer callables and the JSON "optimizer" se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import deepspeed
@@ -130,6 +134,32 @@ def _remap_optimizer(optimizer: Any, lr_scheduler: Any, old_names: Mapping[int, 
     return rebuilt, lr_scheduler
 
 
+def _with_moe(base: type, module: torch.nn.Module) -> type:
+    """`base`, or its MoE-aware subclass when `module` holds dualmoe MoE layers."""
+    from .moe.hooks import moe_engine_class, moe_layers
+
+    return moe_engine_class(base) if moe_layers(module) else base
+
+
+@contextlib.contextmanager
+def _moe_engines_bound(model: Any) -> Iterator[None]:
+    """Let `deepspeed.initialize` build MoE-aware engines for a model with MoE layers (it looks the engine
+    classes up in its module globals at call time); nothing changes for other models."""
+    names = ("DeepSpeedEngine", "PipelineEngine")
+    if not isinstance(model, torch.nn.Module) or _with_moe(deepspeed.DeepSpeedEngine, model) is \
+            deepspeed.DeepSpeedEngine:
+        yield
+        return
+    saved = {name: getattr(deepspeed, name) for name in names}
+    for name in names:
+        setattr(deepspeed, name, _with_moe(saved[name], model))
+    try:
+        yield
+    finally:
+        for name, cls in saved.items():
+            setattr(deepspeed, name, cls)
+
+
 def _engine_id() -> str:
     """A key prefix every rank computes alike: the count of engines this rank built, kept in the store."""
     store = default_store()
@@ -144,7 +174,7 @@ def _build(cfg: PipelineConfig, config: dict[str, Any], model: PipelineModule, k
                   activation_checkpoint_interval=model.activation_checkpoint_interval)
     schedule = generate(cfg.schedule, grid.pipe_parallel_size, m)
     layout = plan_layout(model._layer_specs, schedule, cfg.partition_method)
-    groups = build_groups(grid, shared_pp_ranks=layout.shared_rank_sets())
+    groups = build_groups(grid, shared_pp_ranks=layout.shared_rank_sets(), timeout_s=cfg.timeout_s)
     old_names = {id(p): name for name, p in model.named_parameters()}
     stages = PipelineStages(model, layout=layout, pp_rank=groups.pp_rank,
                             shared_groups=[(r, g, groups.to_global(r[0])) for r, g in groups.shared])
@@ -156,8 +186,9 @@ def _build(cfg: PipelineConfig, config: dict[str, Any], model: PipelineModule, k
     deepspeed.zero.partition_parameters.shutdown_init_context()
     config_class = DeepSpeedConfig(config, grid)
     deepspeed.set_optimizer_flags(config_class, stages)
-    engine = DualPipeEngine(model=stages, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler,
-                            mpu=grid, config=config, config_class=config_class, plan=plan, **kwargs)
+    engine_class = _with_moe(DualPipeEngine, stages)
+    engine = engine_class(model=stages, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler,
+                          mpu=grid, config=config, config_class=config_class, plan=plan, **kwargs)
     deepspeed.zero.partition_parameters.restore_init_context()
     engine._configure_python_gc()
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
@@ -191,7 +222,8 @@ def initialize(args: Any = None, model: torch.nn.Module | None = None, optimizer
     cfg = None if ds_config is None else parse_pipeline_config(ds_config,
                                                                schedule=getattr(args, "pipeline_schedule", None))
     if cfg is None:
-        return original(**kwargs)
+        with _moe_engines_bound(model):
+            return original(**kwargs)
     if not isinstance(model, PipelineModule):
         raise ConfigError(f"pipeline.schedule={cfg.schedule!r} needs a deepspeed.pipe.PipelineModule model, "
                           f"got {type(model).__name__}; build the model from LayerSpecs or drop the key")

@@ -294,18 +294,6 @@ def test_replace_moe_blocks_leaves_dense_models_alone() -> None:
 LR = 0.2
 
 
-def _moe_aware_initialize(original):
-    """`deepspeed.initialize` building the MoE-aware engine (what dualmoe.install() should route to)."""
-    import deepspeed
-    from dualmoe.moe.hooks import _engine_class_bound, moe_engine_class
-
-    def initialize(*args, **kwargs):
-        with _engine_class_bound(deepspeed, "DeepSpeedEngine", moe_engine_class(deepspeed.DeepSpeedEngine)):
-            return original(*args, **kwargs)
-
-    return initialize
-
-
 def _reference_losses(ref, batches, world: int, clip: float) -> list[float]:
     """Plain HF training on every rank's batch (mean loss, clipped like DeepSpeed, SGD)."""
     opt = torch.optim.SGD(ref.parameters(), lr=LR)
@@ -338,12 +326,11 @@ def _compare(engine, train_step, ref, ref_losses, batches, rank: int, world: int
 
 def _train_ep2(rank: int, world: int) -> dict[str, dict[str, float]]:
     """The tiny DeepSeek-V3 with the tiny DS JSON (EP2, 2 redundant slots, ZeRO-1) trained two steps by
-    `dualmoe.moe.hooks.initialize` and by accelerate, each against plain HF training."""
-    import deepspeed
+    `dualmoe.initialize` and by accelerate (through `dualmoe.install()`), each against plain HF training."""
+    import dualmoe
     from accelerate import Accelerator
     from accelerate.utils import DeepSpeedPlugin
     from deepspeed.moe.utils import configure_moe_param_groups
-    from dualmoe.moe.hooks import initialize
 
     ds_config = json.loads((ROOT / "configs" / "ds_moe_deepseek_v3_tiny.json").read_text())
     ds_config["moe"]["router"]["bias_update_rate"] = 0.0  # plain HF has no bias update to compare against
@@ -359,8 +346,8 @@ def _train_ep2(rank: int, world: int) -> dict[str, dict[str, float]]:
         return model, configure_moe_param_groups(list(model.parameters()))
 
     model, groups = swapped()
-    engine, _, _, _ = initialize(model=model, model_parameters=groups, config=ds_config,
-                                 optimizer=lambda g: torch.optim.SGD(g, lr=LR))
+    engine, _, _, _ = dualmoe.initialize(model=model, model_parameters=groups, config=ds_config,
+                                         optimizer=lambda g: torch.optim.SGD(g, lr=LR))
 
     def ds_step(ids):
         loss = engine(input_ids=ids, labels=ids).loss
@@ -371,13 +358,12 @@ def _train_ep2(rank: int, world: int) -> dict[str, dict[str, float]]:
     results["deepspeed"] = _compare(engine, ds_step, ref, ref_losses, batches, rank, world)
 
     model, groups = swapped()
-    original = deepspeed.initialize
-    deepspeed.initialize = _moe_aware_initialize(original)
+    dualmoe.install()  # accelerate looks deepspeed.initialize up at call time
     try:
         accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config))
         engine, optimizer = accelerator.prepare(model, torch.optim.SGD(groups, lr=LR))
     finally:
-        deepspeed.initialize = original
+        dualmoe.uninstall()
 
     def accelerate_step(ids):
         loss = engine(input_ids=ids, labels=ids).loss

@@ -187,9 +187,7 @@ def _pipe_reference() -> tuple[list[list[float]], dict[str, torch.Tensor]]:
 def _pipe_train(rank: int, world: int, redundant: int) -> dict:
     import deepspeed
     import dualmoe
-    import dualmoe.api
     from deepspeed.pipe import PipelineModule
-    from dualmoe.moe.hooks import _engine_class_bound, moe_engine_class
 
     from tests.plugin.pipeline_models import loss_fn
 
@@ -200,9 +198,9 @@ def _pipe_train(rank: int, world: int, redundant: int) -> dict:
               "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
               "optimizer": {"type": "SGD", "params": {"lr": PIPE_LR}},
               "pipeline": {"schedule": "dualpipev", "timeout_s": 60, "partition_method": "uniform"}}
-    # TODO(lead): dualmoe.initialize should build moe_engine_class(DualPipeEngine) itself for MoE models.
-    with _engine_class_bound(dualmoe.api, "DualPipeEngine", moe_engine_class(dualmoe.api.DualPipeEngine)):
-        engine, _, _, _ = dualmoe.initialize(model=model, model_parameters=model.parameters(), config=config)
+    # dualmoe.initialize builds the MoE-aware pipeline engine for stages holding MoE layers.
+    engine, _, _, _ = dualmoe.initialize(model=model, model_parameters=model.parameters(), config=config)
+    assert type(engine).__name__ == "MoEDualPipeEngine"
     assert engine.has_moe_layers and engine.moe_stats is not None
     data, losses = _pipe_data(), []
     for step in range(PIPE_STEPS):
