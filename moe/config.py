@@ -94,6 +94,11 @@ class EplbConfig(BaseModel):
     """Skip a rebalance whose predicted balancedness gain (mean/max per-rank load) is below this."""
     num_nodes: int = 1
     """Nodes the EP group spans (for the hierarchical policy)."""
+    copy_cost: float = 1e-4
+    """Balancedness one layer must gain to be worth copying all its slots once (migration price)."""
+    remote_cost: float = 0.05
+    """Balancedness price of holding every slot of a layer off its expert's home rank (each such slot costs a
+    weight refresh and a gradient send every step); 0 plans without regard to homes."""
 
     @model_validator(mode="after")
     def _check_values(self) -> EplbConfig:
@@ -106,8 +111,10 @@ class EplbConfig(BaseModel):
                              "plan from the window")
         if self.max_moves is not None and self.max_moves < 0:
             raise ValueError(f"max_moves={self.max_moves}: must be >= 0, or null for no limit")
-        if self.min_gain < 0:
-            raise ValueError(f"min_gain={self.min_gain}: must be >= 0")
+        for key in ("min_gain", "copy_cost", "remote_cost"):
+            value = getattr(self, key)
+            if not value >= 0:
+                raise ValueError(f"{key}={value}: must be >= 0")
         return self
 
 

@@ -199,9 +199,10 @@ class Rebalancer:
         agree_timeout_s: how long a rank waits for the others' votes (default `timeout_s`).
         debug: all-gather plan digests before migrating (one extra collective per rebalance).
         monitor: DeepSpeed's `engine.monitor` (events are written on global rank 0 when it is enabled).
-        copy_cost: the planner's balancedness price of one slot copy (`plan_placement`).
+        copy_cost: the planner's migration price (`plan_placement`); default `config.copy_cost`.
         remote_cost: the planner's balancedness price of holding every slot of a layer off its expert's home
-            rank (`plan_placement`'s `remote_cost`; homes are the block layout e // (E/P)); 0 ignores homes.
+            rank (`plan_placement`'s `remote_cost`; homes are the block layout e // (E/P)); 0 ignores homes;
+            default `config.remote_cost`.
         name: distinguishes rebalancers that share a store (e.g. one per pipeline stage).
         fault_hook: test seam, see `FaultHook`.
     """
@@ -210,7 +211,7 @@ class Rebalancer:
                  num_groups: int | None = None, group: dist.ProcessGroup | None = None,
                  chunk_bytes: int = 256 << 20, timeout_s: float = 300.0, agree_timeout_s: float | None = None,
                  debug: bool = False, monitor: Any = None,
-                 copy_cost: float = 1e-4, remote_cost: float = 0.05, name: str = "moe",
+                 copy_cost: float | None = None, remote_cost: float | None = None, name: str = "moe",
                  fault_hook: FaultHook | None = None) -> None:
         if not layers:
             raise ConfigError("Rebalancer needs at least one MoE layer")
@@ -235,8 +236,9 @@ class Rebalancer:
         self.group = group if group is not None else first.stats_group
         self.chunk_bytes, self.timeout_s, self.debug = chunk_bytes, timeout_s, debug
         self.agree_timeout_s = timeout_s if agree_timeout_s is None else agree_timeout_s
-        self.monitor, self.copy_cost, self.fault_hook = monitor, copy_cost, fault_hook
-        self.remote_cost = remote_cost
+        self.monitor, self.fault_hook = monitor, fault_hook
+        self.copy_cost = self.config.copy_cost if copy_cost is None else copy_cost
+        self.remote_cost = self.config.remote_cost if remote_cost is None else remote_cost
         self._device = first.experts.gate_up_proj.device
         self.num_applied = self.num_failed = self.num_skipped = 0
         self.stall_s = 0.0

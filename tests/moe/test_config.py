@@ -62,6 +62,7 @@ BAD = [
      r"moe\.router\.groups=2: unknown key; valid keys: aux_loss_alpha, bias_update_rate, n_group"),
     ({"num_experts": 64}, r"moe\.top_k: required key is missing"),
     ({"num_experts": 64, "top_k": 8, "eplb": {"ema": 1.5}}, r"moe\.eplb\.ema=1\.5: the decay must lie in \(0, 1\)"),
+    ({"num_experts": 64, "top_k": 8, "eplb": {"remote_cost": -0.1}}, r"moe\.eplb\.remote_cost=-0\.1: must be >= 0"),
     ({"num_experts": 64, "top_k": 8, "eplb": {"interval": 0}}, r"moe\.eplb\.interval=0: must be >= 1"),
     ({"num_experts": 64, "top_k": 8, "ep_size": 4, "eplb": {"enabled": True, "num_nodes": 3}},
      r"moe\.eplb\.num_nodes=3: ep_size \(4\) must be divisible by num_nodes"),
