@@ -1,8 +1,15 @@
 """Pipeline step time and memory: dualmoe's schedules vs DeepSpeed's PipelineEngine (1F1B) and DualPipeVEngine.
 
-    torchrun --nproc-per-node 4 bench/pipeline.py --json out.json          # P = 4, m = 8 and 16
-    torchrun --nproc-per-node 2 bench/pipeline.py --json out.json          # P = 2
+    torchrun --nproc-per-node 2 bench/pipeline.py --json out.json          # P = 2, m = 8 and 16
+    torchrun --nproc-per-node 4 bench/pipeline.py --json out.json          # P = 4
     torchrun --nproc-per-node 2 bench/pipeline.py --tiny                   # CPU/gloo smoke run
+
+Every (contender, m) runs in fresh processes: the torchrun workers only drive (a gloo group, no device
+work); for each run they start one child per rank with its own rendezvous port, wait for it (killing it
+after `--child-timeout-s`), and rank 0 collects the result. A hung contender costs its own row only, and
+peak memory is the contender's own (engines in one process are not all freed: DeepSpeed's PipelineEngine
+keeps its engine alive through hooks on the loss graph). `--in-process` runs the given contenders and m in
+the current processes instead (what each child does).
 
 Model: `--layers` (16) residual MLP blocks `x + W2 gelu(W1 x)`, hidden `--hidden` (2048), FFN 4x, one micro-batch
 `--micro-batch-size` (2) x `--seq` (2048) tokens, bf16 with DeepSpeed's BF16_Optimizer (ZeRO-0) and torch Adam, MSE
@@ -10,11 +17,12 @@ loss. Every contender gets the same stock `PipelineModule` layer list (DeepSpeed
 `DualPipeVModule`), the same data and `gradient_accumulation_steps = m`; the pipeline spans all ranks (DP = 1).
 
 Contenders (`--contenders`): ds-1f1b (DeepSpeed PipelineEngine), ds-dualpipev (DeepSpeed 0.19.8 DualPipeVEngine),
-and dualmoe's dualpipev, dualpipe, zbv, zb1p, 1f1b (`pipeline.schedule`). Per contender and m: `--warmup` untimed
-steps, then `--steps` timed `train_batch` calls, each started after a barrier and ended by a device sync; the step
-time is the slowest rank's. Memory per rank: peak allocated during the timed steps, and the activation peak =
-peak minus what was allocated when the step began (parameters, grads, optimizer state).
-Rank 0 prints a table (speed-up vs ds-1f1b at the same m) and writes `--json`.
+and dualmoe's dualpipev, dualpipe, zbv, zb1p, 1f1b (`pipeline.schedule`); a dualmoe name with the suffix
+":dynamic" runs with `pipeline.static_shapes: false` (a shape header per message). Per contender and m:
+`--warmup` untimed steps, then `--steps` timed `train_batch` calls, each started after a barrier and ended by a
+device sync; the step time is the slowest rank's. Memory per rank: peak allocated during the timed steps, and the
+activation peak = peak minus what was allocated when the step began (parameters, grads, optimizer state).
+Rank 0 prints each result as it lands, then a table (speed-up vs ds-1f1b at the same m), and writes `--json`.
 """
 
 from __future__ import annotations
@@ -24,8 +32,11 @@ import faulthandler
 import gc
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -36,7 +47,8 @@ import torch.distributed as dist
 from torch import nn
 
 OURS = ("dualpipev", "dualpipe", "zbv", "zb1p", "1f1b")
-DEFAULT_CONTENDERS = "ds-1f1b,ds-dualpipev,dualpipev,dualpipe,zbv"
+DEFAULT_CONTENDERS = "ds-1f1b,ds-dualpipev,1f1b,zb1p,zbv,dualpipev,dualpipe"
+DYNAMIC = ":dynamic"
 
 
 class MLPBlock(nn.Module):
@@ -76,7 +88,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU/gloo smoke run: tiny shapes, fp32, few steps")
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
-                   help=f"comma list of ds-1f1b, ds-dualpipev, {', '.join(OURS)}")
+                   help=f"comma list of ds-1f1b, ds-dualpipev, {', '.join(OURS)} (ours also as NAME{DYNAMIC})")
     p.add_argument("--micro-batches", default="8,16", help="comma list of m (gradient_accumulation_steps)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=2048)
@@ -89,6 +101,11 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=120.0, help="dualmoe engines' pipeline.timeout_s")
     p.add_argument("--hang-s", type=float, default=0.0,
                    help="if one contender runs longer, dump every thread's stack and exit (0: never)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the contenders in these processes, one after the other (no fresh process per run)")
+    p.add_argument("--child-timeout-s", type=float, default=300.0,
+                   help="kill a run's processes after this many seconds (driver mode)")
+    p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)  # a child's result, for its driver
     args = p.parse_args(argv)
     if args.tiny:
         args.layers, args.hidden, args.seq, args.micro_batch_size = 8, 16, 8, 2
@@ -110,6 +127,8 @@ def _setup(tiny: bool) -> torch.device:
 
 
 def _config(args: argparse.Namespace, m: int, schedule: str | None) -> dict[str, Any]:
+    dynamic = schedule is not None and schedule.endswith(DYNAMIC)
+    schedule = schedule.removesuffix(DYNAMIC) if schedule else schedule
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": args.micro_batch_size, "gradient_accumulation_steps": m,
         "steps_per_print": 10**9, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
@@ -119,6 +138,8 @@ def _config(args: argparse.Namespace, m: int, schedule: str | None) -> dict[str,
         cfg["bf16"] = {"enabled": True}
     if schedule:
         cfg["pipeline"]["schedule"] = schedule
+        if dynamic:
+            cfg["pipeline"]["static_shapes"] = False
         if args.trace_dir:
             cfg["pipeline"]["trace"] = {"enabled": True, "steps": [args.warmup + 1],
                                         "output_dir": os.path.join(args.trace_dir, f"{schedule}_m{m}")}
@@ -202,17 +223,19 @@ def _table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def _write(args: argparse.Namespace, device: torch.device, results: list[Result]) -> None:
-    meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "world_size": dist.get_world_size(), "torch": torch.__version__,
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _write(args: argparse.Namespace, device_name: str, results: list[Result]) -> None:
+    meta = {"device": device_name, "world_size": dist.get_world_size(), "torch": torch.__version__,
             "deepspeed": __import__("deepspeed").__version__, "args": vars(args)}
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run every contender at every m; rank 0 prints each result as it lands, then the table and the JSON."""
-    args = _args(argv)
+def _in_process(args: argparse.Namespace) -> int:
+    """Run every contender at every m in this process; rank 0 prints each result, the table and the JSON."""
     device = _setup(args.tiny)
     results = []
     # Contender-major order, so a contender that hangs (and trips --hang-s) costs only its own rows.
@@ -230,15 +253,85 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(_table(results[-1:]).splitlines()[-1] + "\n")
                 sys.stdout.flush()
                 if args.json:
-                    _write(args, device, results)
+                    _write(args, _device_name(device), results)
+                if args.result_file:
+                    with open(args.result_file, "w") as f:
+                        json.dump({"device": _device_name(device), "results": [asdict(r) for r in results]}, f)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0 and len(results) > 1:
         sys.stdout.write(_table(results) + "\n")
     dist.barrier()
     dist.destroy_process_group()
     return 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _child_argv(args: argparse.Namespace, contender: str, m: int, result_file: str) -> list[str]:
+    argv = ["--in-process", "--contenders", contender, "--micro-batches", str(m), "--layers", str(args.layers),
+            "--hidden", str(args.hidden), "--seq", str(args.seq), "--micro-batch-size", str(args.micro_batch_size),
+            "--warmup", str(args.warmup), "--steps", str(args.steps), "--timeout-s", str(args.timeout_s),
+            "--hang-s", str(args.hang_s), "--result-file", result_file]
+    if args.tiny:
+        argv.append("--tiny")
+    if args.trace_dir:
+        argv += ["--trace-dir", args.trace_dir]
+    return argv
+
+
+def _drive(args: argparse.Namespace) -> int:
+    """Run each (contender, m) in fresh processes, one child per rank; rank 0 collects, prints and writes."""
+    dist.init_process_group("gloo")  # the torchrun rendezvous; this process never touches the device
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results: list[Result] = []
+    device_name = "?"
+    with tempfile.TemporaryDirectory(prefix="dualmoe-bench-") as tmp:
+        for contender in args.contenders.split(","):
+            for m in (int(x) for x in args.micro_batches.split(",")):
+                port = [_free_port() if rank == 0 else 0]
+                dist.broadcast_object_list(port, src=0)
+                result_file = os.path.join(tmp, f"{contender.replace(':', '_')}_m{m}.json")
+                env = dict(os.environ, MASTER_PORT=str(port[0]))
+                env.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # the children's rank 0 hosts their own store
+                cmd = [sys.executable, os.path.abspath(__file__), *_child_argv(args, contender, m, result_file)]
+                start = time.monotonic()
+                try:
+                    status: Any = subprocess.run(cmd, env=env, timeout=args.child_timeout_s).returncode
+                except subprocess.TimeoutExpired:
+                    status = f"killed after {args.child_timeout_s:.0f} s"
+                statuses: list[Any] = [None] * world
+                dist.all_gather_object(statuses, status)
+                if rank == 0:
+                    if os.path.exists(result_file):
+                        with open(result_file) as f:
+                            record = json.load(f)
+                        device_name = record["device"]
+                        results += [Result(**r) for r in record["results"]]
+                    else:
+                        results.append(Result(contender=contender, pipe=world, micro_batches=m,
+                                              error=f"no result; exit status per rank: {statuses}"))
+                    sys.stdout.write(f"[{contender} m={m}: {time.monotonic() - start:.0f} s in fresh processes] "
+                                     + _table(results[-1:]).splitlines()[-1] + "\n")
+                    sys.stdout.flush()
+                    if args.json:
+                        _write(args, device_name, results)
+                dist.barrier()
+    if rank == 0:
+        sys.stdout.write(_table(results) + "\n")
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Drive fresh processes per (contender, m), or with `--in-process` run them here."""
+    args = _args(argv)
+    return _in_process(args) if args.in_process else _drive(args)
 
 
 if __name__ == "__main__":

@@ -450,7 +450,7 @@ class PipeComm:
         return tuple(recv.tensors)
 
     def finish(self, *, context: str) -> None:
-        """Wait until every send has completed (end of a step); shapes seen this step become known.
+        """End a step: wait for host-side sends (headers, gloo payloads); shapes seen this step become known.
 
         Raises:
             ScheduleError: a received message was never consumed.
@@ -460,9 +460,8 @@ class PipeComm:
         pending = list(self._sends)
         self.abort.wait(lambda: all(s.host_done() for s in pending), context=context,
                         what=f"{len(pending)} sends to complete")
-        for s in pending:
-            for work in s.works:
-                work.wait()
+        # NCCL sends need no wait here: the process group keeps their tensors from reuse until they finish, and
+        # making the compute stream wait would hold this rank's optimizer step behind the peer's last receive.
         self._sends.clear()
         if self._recvs:
             raise ScheduleError(f"{context}: messages {sorted(self._recvs)} were posted but never used")
