@@ -35,6 +35,11 @@ def as_tuple(x: Any) -> tuple[Any, ...]:
 
 def _to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, Tensor):
+        if device.type == "cuda" and x.device.type == "cpu":
+            # A copy from pageable memory waits for the device to drain; from pinned memory it does not, so
+            # the host keeps queueing the schedule ahead of the device.
+            x = x.detach()
+            return (x if x.is_pinned() else x.pin_memory()).to(device, non_blocking=True)
         return x.detach().to(device)
     if isinstance(x, (tuple, list)):
         return tuple(_to_device(t, device) for t in x)
