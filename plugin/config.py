@@ -79,7 +79,9 @@ class PipelineConfig(BaseModel):
     schedule: ScheduleKind | None = None
     """Which schedule runs the pipeline; None keeps DeepSpeed's own PipelineEngine."""
     timeout_s: float = Field(default=300.0, gt=0)
-    """Seconds any rank waits on a peer (p2p, step-end agreement) before raising `CommTimeout`."""
+    """Seconds any rank waits on a peer (p2p, step-end agreement) before raising `CommTimeout`. The pipeline's
+    process groups get 2 x this + 30 s as their backend timeout (the NCCL watchdog's), the last resort for waits
+    the engine cannot see (a device stream waiting on a receive); see `dualmoe.groups`."""
     overlap: bool = True
     """Run a stage's `overlapped_forward_backward` hook for F&B pairs; False runs every pair serially."""
     split_backward: bool = True
