@@ -106,6 +106,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--child-timeout-s", type=float, default=300.0,
                    help="kill a run's processes after this many seconds (driver mode)")
     p.add_argument("--result-file", default=None, help=argparse.SUPPRESS)  # a child's result, for its driver
+    p.add_argument("--go-file", default=None, help=argparse.SUPPRESS)  # a pre-started child waits for this file
     args = p.parse_args(argv)
     if args.tiny:
         args.layers, args.hidden, args.seq, args.micro_batch_size = 8, 16, 8, 2
@@ -119,6 +120,8 @@ def _setup(tiny: bool) -> torch.device:
     if torch.cuda.is_available() and not tiny:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
+        # Host threads for the CPU-side model init and data (torchrun sets OMP_NUM_THREADS=1); timing is device-bound.
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
         deepspeed.init_distributed(dist_backend="nccl")
         return torch.device("cuda", local_rank)
     torch.set_num_threads(1)
@@ -234,8 +237,23 @@ def _write(args: argparse.Namespace, device_name: str, results: list[Result]) ->
         json.dump({"meta": meta, "results": [asdict(r) for r in results]}, f, indent=1)
 
 
+def _wait_for_go(path: str, timeout_s: float) -> None:
+    """A pre-started child: import the heavy modules now, then wait for the driver's go (no device touched)."""
+    import deepspeed
+    import deepspeed.pipe  # noqa: F401
+    import dualmoe  # noqa: F401
+
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no go from the driver within {timeout_s:.0f} s")
+        time.sleep(0.02)
+
+
 def _in_process(args: argparse.Namespace) -> int:
     """Run every contender at every m in this process; rank 0 prints each result, the table and the JSON."""
+    if args.go_file:
+        _wait_for_go(args.go_file, 4 * args.child_timeout_s)
     device = _setup(args.tiny)
     results = []
     # Contender-major order, so a contender that hangs (and trips --hang-s) costs only its own rows.
@@ -273,11 +291,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _child_argv(args: argparse.Namespace, contender: str, m: int, result_file: str) -> list[str]:
+def _child_argv(args: argparse.Namespace, contender: str, m: int, files: tuple[str, str]) -> list[str]:
     argv = ["--in-process", "--contenders", contender, "--micro-batches", str(m), "--layers", str(args.layers),
             "--hidden", str(args.hidden), "--seq", str(args.seq), "--micro-batch-size", str(args.micro_batch_size),
             "--warmup", str(args.warmup), "--steps", str(args.steps), "--timeout-s", str(args.timeout_s),
-            "--hang-s", str(args.hang_s), "--result-file", result_file]
+            "--hang-s", str(args.hang_s), "--child-timeout-s", str(args.child_timeout_s),
+            "--result-file", files[0], "--go-file", files[1]]
     if args.tiny:
         argv.append("--tiny")
     if args.trace_dir:
@@ -286,42 +305,63 @@ def _child_argv(args: argparse.Namespace, contender: str, m: int, result_file: s
 
 
 def _drive(args: argparse.Namespace) -> int:
-    """Run each (contender, m) in fresh processes, one child per rank; rank 0 collects, prints and writes."""
+    """Run each (contender, m) in fresh processes, one child per rank; rank 0 collects, prints and writes.
+
+    Run i+1's children start while run i measures, import torch and DeepSpeed, and wait for their go file
+    (no device work before it), so only the device and process-group set-up is paid between runs.
+    """
     dist.init_process_group("gloo")  # the torchrun rendezvous; this process never touches the device
     rank, world = dist.get_rank(), dist.get_world_size()
+    runs = [(contender, int(m)) for contender in args.contenders.split(",") for m in args.micro_batches.split(",")]
     results: list[Result] = []
     device_name = "?"
+    children: dict[int, subprocess.Popen] = {}
     with tempfile.TemporaryDirectory(prefix="dualmoe-bench-") as tmp:
-        for contender in args.contenders.split(","):
-            for m in (int(x) for x in args.micro_batches.split(",")):
-                port = [_free_port() if rank == 0 else 0]
-                dist.broadcast_object_list(port, src=0)
-                result_file = os.path.join(tmp, f"{contender.replace(':', '_')}_m{m}.json")
-                env = dict(os.environ, MASTER_PORT=str(port[0]))
-                env.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # the children's rank 0 hosts their own store
-                cmd = [sys.executable, os.path.abspath(__file__), *_child_argv(args, contender, m, result_file)]
-                start = time.monotonic()
+        files = [(os.path.join(tmp, f"run{i}.json"), os.path.join(tmp, f"run{i}.go")) for i in range(len(runs))]
+
+        def start(i: int) -> None:
+            port = [_free_port() if rank == 0 else 0]
+            dist.broadcast_object_list(port, src=0)
+            env = dict(os.environ, MASTER_PORT=str(port[0]))
+            env.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # the children's rank 0 hosts their own store
+            cmd = [sys.executable, os.path.abspath(__file__), *_child_argv(args, *runs[i], files[i])]
+            children[i] = subprocess.Popen(cmd, env=env)
+
+        try:
+            start(0)
+            for i, (contender, m) in enumerate(runs):
+                began = time.monotonic()
+                open(files[i][1], "w").close()  # go
+                if i + 1 < len(runs):
+                    start(i + 1)
                 try:
-                    status: Any = subprocess.run(cmd, env=env, timeout=args.child_timeout_s).returncode
+                    status: Any = children[i].wait(timeout=args.child_timeout_s)
                 except subprocess.TimeoutExpired:
+                    children[i].kill()
+                    children[i].wait()
                     status = f"killed after {args.child_timeout_s:.0f} s"
+                del children[i]
                 statuses: list[Any] = [None] * world
                 dist.all_gather_object(statuses, status)
                 if rank == 0:
-                    if os.path.exists(result_file):
-                        with open(result_file) as f:
+                    if os.path.exists(files[i][0]):
+                        with open(files[i][0]) as f:
                             record = json.load(f)
                         device_name = record["device"]
                         results += [Result(**r) for r in record["results"]]
                     else:
                         results.append(Result(contender=contender, pipe=world, micro_batches=m,
                                               error=f"no result; exit status per rank: {statuses}"))
-                    sys.stdout.write(f"[{contender} m={m}: {time.monotonic() - start:.0f} s in fresh processes] "
+                    sys.stdout.write(f"[run {i + 1}/{len(runs)}: {time.monotonic() - began:.0f} s] "
                                      + _table(results[-1:]).splitlines()[-1] + "\n")
                     sys.stdout.flush()
                     if args.json:
                         _write(args, device_name, results)
                 dist.barrier()
+        finally:
+            for child in children.values():
+                child.kill()
+                child.wait()
     if rank == 0:
         sys.stdout.write(_table(results) + "\n")
     dist.destroy_process_group()
