@@ -23,50 +23,31 @@ from pathlib import Path
 from typing import Any
 
 from dualmoe.errors import ConfigError
+from dualmoe.launch.argtypes import int_at_least
 
 __all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "plan an EPLB expert placement from load statistics: balancedness before/after, copies, heatmap"
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 0")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `dualmoe plan`."""
     parser.add_argument("--stats", required=True, type=Path, metavar="FILE", help="load file (.pt or .json)")
-    parser.add_argument("--gpus", required=True, type=_positive_int, metavar="G", help="expert-parallel ranks")
-    parser.add_argument("--nodes", type=_positive_int, default=1, metavar="N", help="nodes (default 1)")
-    parser.add_argument("--slots", required=True, type=_positive_int, metavar="S",
+    parser.add_argument("--gpus", required=True, type=int_at_least(1), metavar="G", help="expert-parallel ranks")
+    parser.add_argument("--nodes", type=int_at_least(1), default=1, metavar="N", help="nodes (default 1)")
+    parser.add_argument("--slots", required=True, type=int_at_least(1), metavar="S",
                         help="physical expert slots per layer (experts + redundant), a multiple of G")
-    parser.add_argument("--groups", type=_positive_int, default=1, metavar="K",
+    parser.add_argument("--groups", type=int_at_least(1), default=1, metavar="K",
                         help="expert groups; hierarchical policy when K is a multiple of N > 1 (default 1)")
     parser.add_argument("--current", type=Path, metavar="FILE", help="deployed [L, S] placement (.pt or .json)")
-    parser.add_argument("--max-moves", type=_non_negative_int, metavar="M", help="at most M copies per layer")
+    parser.add_argument("--max-moves", type=int_at_least(0), metavar="M", help="at most M copies per layer")
     parser.add_argument("--min-gain", type=float, default=0.0, metavar="X",
                         help="keep a layer unless its balancedness gains at least X (default 0)")
     parser.add_argument("--copy-cost", type=float, default=1e-4, metavar="C",
                         help="balancedness one copy must buy (default 1e-4; 0 takes every improving move)")
     parser.add_argument("--png", type=Path, metavar="OUT.png", help="write the per-GPU load heatmap before/after")
     parser.add_argument("--out", type=Path, metavar="FILE", help="write the load and the NEW placement (--current)")
-    parser.add_argument("--threads", type=_positive_int, default=1, metavar="T",
+    parser.add_argument("--threads", type=int_at_least(1), default=1, metavar="T",
                         help="torch CPU threads for planning (default 1: small tensors, threads only add overhead)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dualmoe.errors import ConfigError, ScheduleError
+from dualmoe.launch.argtypes import int_at_least
 from dualmoe.schedule import SCHEDULE_KINDS, Schedule, generate, insert_p2p
 from dualmoe.simulator import CostModel, Timeline, simulate
 
@@ -29,16 +30,6 @@ __all__ = ["HELP", "add_arguments", "run"]
 
 HELP = "simulate a pipeline schedule: bubble, memory, speed-up vs 1F1B; chrome trace and PNG"
 BASELINE = "1f1b"
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
-    return value
 
 
 def _costs(text: str) -> CostModel:
@@ -51,8 +42,8 @@ def _costs(text: str) -> CostModel:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `dualmoe schedule`."""
     parser.add_argument("--kind", required=True, choices=SCHEDULE_KINDS, help="schedule family")
-    parser.add_argument("--pp", required=True, type=_positive_int, metavar="P", help="pipeline ranks")
-    parser.add_argument("--micro-batches", required=True, type=_positive_int, metavar="M",
+    parser.add_argument("--pp", required=True, type=int_at_least(1), metavar="P", help="pipeline ranks")
+    parser.add_argument("--micro-batches", required=True, type=int_at_least(1), metavar="M",
                         help="micro-batches per step")
     parser.add_argument("--costs", type=_costs, default=CostModel.parse("F=1,B=2,W=1,FB=3"), metavar="F=..,B=..",
                         help="per rank-share costs, keys F, B, W, FB, P2P (default F=1,B=2,W=1,FB=3)")
