@@ -22,18 +22,10 @@ check that optimizer state is bitwise unchanged and still attached to the same t
 SwiftMoE/Symi recipe of the research notes: a moved expert costs its weights only (bf16 88 MB for a
 DeepSeek-V3 expert), not the ~0.6 GB of fp32 Adam state that moving the owner would.
 
-Failure. The switch is all or nothing. A local error while packing or unpacking (an exception, e.g. an
-allocation failure, or one raised by `fault_hook` in tests) marks this rank failed but the rank still
-sends (zeros) and receives in every round, so the peers never wait on it and the EP group stays in
-lock-step. The agreement runs through the process group's store, not a collective: each rank posts
-"ok" (a counter) or "abort: why"; the first rank that sees all N ok sets the decision key to "commit",
-a failed rank (or any rank whose `timeout_s` expires first) sets it to "abort: ...", and
-`compare_set` makes the first writer win. Every rank then obeys that one key, so no rank commits while
-another aborts, even when a rank is late. (An all-reduce of an ok flag with a timeout cannot give this:
-a rank whose wait timed out cannot know whether the others completed it.) After an abort every rank
-keeps its old maps and slots, logs a warning, and counts it in `num_failed`. A communication error
-itself (a dead peer, a transfer past `timeout_s`) breaks the process group on gloo and NCCL alike; the
-rank posts "abort" first and raises `CommTimeout`, with the old placement still in place.
+Failure. The switch is all or nothing: a local error on any rank, or a late rank, makes every rank keep
+its old maps and slots (one decision through the store; `dualmoe.moe.migration` says how); the rank logs a
+warning and counts it in `num_failed`. A communication error raises `CommTimeout` with the old placement
+still in place.
 
 The stall (planning + digest check + transfers + agreement + commit, wall time on each rank) is in
 every `RebalanceReport`, summed in `Rebalancer.stall_s`, and written to the monitor as
@@ -42,18 +34,16 @@ every `RebalanceReport`, summed in `Rebalancer.stall_s`, and written to the moni
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
-import zlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from dualmoe.errors import CommTimeout, ConfigError
+from dualmoe.errors import ConfigError
 from dualmoe.log import log_rank0
 from torch import Tensor
 from torch.profiler import record_function
@@ -61,7 +51,7 @@ from torch.profiler import record_function
 from .config import EplbConfig
 from .eplb import Plan, gpu_load, home_ranks, plan_placement
 from .layer import MoELayer
-from .placement import Placement
+from .migration import FaultHook, SlotMigration, global_rank, make_agreement, slot_copy_bytes
 from .rebalance_plan import SlotCopy, chunk_copies, plan_copies, plan_digest
 from .stats import LoadStats
 
@@ -76,10 +66,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-FaultHook = Callable[[str, int], None]
-"""Test seam: called as `hook(phase, round)` with phase "pack", "unpack" (inside the per-round error
-handling) or "agree" (just before this rank posts its vote)."""
 
 
 # ---- reports -----------------------------------------------------------------------------------------
@@ -120,66 +106,6 @@ class RebalanceReport:
     def stall_s(self) -> float:
         """Everything the step waited for: plan + migrate + agree + commit."""
         return self.plan_s + self.migrate_s + self.agree_s + self.commit_s
-
-
-# ---- agreement through the store ----------------------------------------------------------------------
-class _Agreement:
-    """Set-once commit/abort decision per round in the store (see the module docstring)."""
-
-    def __init__(self, store: Any, *, prefix: str, num_ranks: int, leader: bool) -> None:
-        self.store, self.prefix, self.num_ranks, self.leader = store, prefix, num_ranks, leader
-
-    def decide(self, round_id: int, *, ok: bool, reason: str, timeout_s: float) -> str:
-        """Vote and return the round's decision: "commit" or "abort: <why>"."""
-        key = f"{self.prefix}/{round_id}"
-        decision = f"{key}/decision"
-        if ok:
-            if self.store.add(f"{key}/ok", 1) >= self.num_ranks:
-                self.store.compare_set(decision, "", "commit")
-        else:
-            self.store.compare_set(decision, "", f"abort: {reason}")
-        try:
-            self.store.wait([decision], datetime.timedelta(seconds=timeout_s))
-        except Exception:  # the store raises its own timeout type; any failure to see a decision aborts
-            arrived = self.store.add(f"{key}/ok", 0)
-            self.store.compare_set(decision, "", f"abort: only {arrived} of {self.num_ranks} ranks were ready "
-                                                 f"after {timeout_s:g} s")
-        value = self.store.get(decision).decode()
-        if self.leader and round_id > 2:
-            for old in (f"{self.prefix}/{round_id - 2}/ok", f"{self.prefix}/{round_id - 2}/decision"):
-                self.store.delete_key(old)
-        return value
-
-    def abort(self, round_id: int, reason: str) -> None:
-        """Post an abort for `round_id` (before raising on a communication error)."""
-        try:
-            self.store.compare_set(f"{self.prefix}/{round_id}/decision", "", f"abort: {reason}")
-        except Exception:  # the store may be gone too; the peers' own deadlines end their waits
-            logger.exception("could not post the rebalance abort to the store")
-
-
-def _default_store() -> Any:
-    from torch.distributed import distributed_c10d
-
-    try:
-        return distributed_c10d._get_default_store()
-    except (RuntimeError, AttributeError, ValueError):
-        return None
-
-
-# ---- the executor --------------------------------------------------------------------------------------
-@dataclass(slots=True)
-class _Prepared:
-    """This rank's side of one migration: new placements, staging buffers and where rows go."""
-
-    placements: dict[int, Placement]
-    """Layer index -> new placement, for every layer whose map changes."""
-    staging: dict[int, list[Tensor]] = field(default_factory=dict)
-    """Layer index -> one [changed local slots, ...] tensor per slot buffer (gate_up, down)."""
-    local_slots: dict[int, list[int]] = field(default_factory=dict)
-    """Layer index -> the local slot indices the staged rows go to, in staging order."""
-    row_of: dict[tuple[int, int], int] = field(default_factory=dict)
-    """(layer, global slot) -> row in that layer's staging tensors."""
 
 
 class Rebalancer:
@@ -244,7 +170,7 @@ class Rebalancer:
         self.stall_s = 0.0
         self.last_report: RebalanceReport | None = None
         self._round = 0
-        self._agreement = self._make_agreement(name)
+        self._agreement = make_agreement(self.group, name=name, device=self._device)
 
     # ---- planning (pure) ----------------------------------------------------------------------------
     def current_maps(self) -> Tensor:
@@ -334,18 +260,20 @@ class Rebalancer:
         sent = received = 0
         prepared = None
         if ok:
-            rounds = chunk_copies(copies, copy_bytes=self._copy_bytes(), chunk_bytes=self.chunk_bytes,
+            rounds = chunk_copies(copies, copy_bytes=slot_copy_bytes(self.layers), chunk_bytes=self.chunk_bytes,
                                   num_ranks=self.ep_size)
+            migration = SlotMigration(layers=self.layers, num_experts=self.num_experts, num_slots=self.num_slots,
+                                      ep_size=self.ep_size, ep_rank=self.ep_rank, ep_group=self.ep_group,
+                                      device=self._device, timeout_s=self.timeout_s, agreement=self._agreement,
+                                      round_id=self._round, fault_hook=self.fault_hook)
             try:
-                prepared = self._prepare(old_LS, new_LS, copies)
+                prepared = migration.prepare(old_LS, new_LS, copies)
             except Exception as err:  # any local failure becomes an abort vote
-                ok, reason = False, f"rank {self._global_rank()}: preparing failed: {err!r}"
+                ok, reason = False, f"rank {global_rank()}: preparing failed: {err!r}"
             with record_function("dualmoe/moe/eplb_migrate"):
-                for index, copies_r in enumerate(rounds):
-                    round_ok, round_reason, s, r = self._transfer(index, copies_r, prepared if ok else None)
-                    sent, received = sent + s, received + r
-                    if ok and not round_ok:
-                        ok, reason = False, round_reason
+                rounds_ok, rounds_reason, sent, received = migration.run(rounds, prepared)
+            if ok and not rounds_ok:
+                ok, reason = False, rounds_reason
         self._sync()  # the vote must follow the data, and the timings must include the device's work
         migrate_done = time.perf_counter()
         decision = self._decide(ok, reason)
@@ -353,7 +281,7 @@ class Rebalancer:
         applied = decision == "commit"
         if applied:
             assert prepared is not None  # a commit needs every rank ok, this one included
-            self._commit(prepared)
+            migration.commit(prepared)
             self._sync()
         commit_done = time.perf_counter()
         report = RebalanceReport(
@@ -381,7 +309,7 @@ class Rebalancer:
     def write_events(self, report: RebalanceReport, step: int) -> None:
         """Send `events` to DeepSpeed's monitor (global rank 0, when a monitor is enabled)."""
         monitor = self.monitor
-        if monitor is not None and getattr(monitor, "enabled", False) and self._global_rank() == 0:
+        if monitor is not None and getattr(monitor, "enabled", False) and global_rank() == 0:
             monitor.write_events(self.events(report, step))
 
     def dump_stats(self, path: str | Path) -> Path:
@@ -415,32 +343,12 @@ class Rebalancer:
         if self._device.type == "cuda":
             torch.cuda.synchronize(self._device)
 
-    def _global_rank(self) -> int:
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    def _make_agreement(self, name: str) -> _Agreement | None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        store = _default_store()
-        if store is None:
-            raise ConfigError("the Rebalancer needs the default process group's store for its commit decision")
-        ranks = dist.get_process_group_ranks(self.group) if self.group is not None else range(dist.get_world_size())
-        prefix = f"dualmoe/eplb/{name}/{zlib.crc32(repr(sorted(ranks)).encode()):08x}"
-        # A fresh prefix per instance: rank 0 of the group draws it, a broadcast shares it.
-        token = torch.zeros(1, dtype=torch.int64, device=self._device)
-        leader = dist.get_rank(self.group) == 0 if self.group is not None else dist.get_rank() == 0
-        if leader:
-            token[0] = store.add(f"{prefix}/instances", 1)
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        dist.broadcast(token, src=src, group=self.group)
-        return _Agreement(store, prefix=f"{prefix}/{int(token)}", num_ranks=len(list(ranks)), leader=leader)
-
     def _decide(self, ok: bool, reason: str) -> str:
         if self.fault_hook is not None:
             try:
                 self.fault_hook("agree", self._round)
             except Exception as err:
-                ok, reason = False, f"rank {self._global_rank()}: {err!r}"
+                ok, reason = False, f"rank {global_rank()}: {err!r}"
         if self._agreement is None:
             return "commit" if ok else f"abort: {reason}"
         with record_function("dualmoe/moe/eplb_agree"):
@@ -466,136 +374,6 @@ class Rebalancer:
             return 1.0 if top <= 0 else float(load_LG.mean(-1).sum()) / top
 
         return overall(old_LS), overall(new_LS)
-
-    def _copy_bytes(self) -> list[int]:
-        return [sum(t[0].numel() * t.element_size() for t in (m.experts.slot_gate_up, m.experts.slot_down))
-                for m in self.layers]
-
-    def _prepare(self, old_LS: Tensor, new_LS: Tensor, copies: Sequence[SlotCopy]) -> _Prepared:
-        placements = {}
-        for index in torch.nonzero((old_LS != new_LS).any(-1)).flatten().tolist():
-            layer = self.layers[index]
-            if layer.experts.has_slot_grads():
-                raise RuntimeError(f"layer {layer.layer_id} has unreduced slot gradients; rebalance only at a step "
-                                   "boundary (after reduce_slot_grads)")
-            placements[index] = Placement.from_physical_to_logical(new_LS[index].tolist(), num_experts=self.num_experts,
-                                                                   num_ranks=self.ep_size)
-        prepared = _Prepared(placements=placements)
-        per_rank = self.num_slots // self.ep_size
-        for copy in copies:
-            if copy.dst_rank == self.ep_rank:
-                slots = prepared.local_slots.setdefault(copy.layer, [])
-                prepared.row_of[(copy.layer, copy.slot)] = len(slots)
-                slots.append(copy.slot - self.ep_rank * per_rank)
-        for index, slots in prepared.local_slots.items():
-            experts = self.layers[index].experts
-            prepared.staging[index] = [t.new_empty((len(slots), *t.shape[1:]))
-                                       for t in (experts.slot_gate_up, experts.slot_down)]
-        return prepared
-
-    def _rows(self, copy: SlotCopy) -> list[Tensor]:
-        experts = self.layers[copy.layer].experts
-        local = copy.expert - self.ep_rank * (self.num_experts // self.ep_size)
-        return [home.detach()[local] for home in (experts.gate_up_proj, experts.down_proj)]
-
-    def _transfer(self, index: int, copies: Sequence[SlotCopy],
-                  prepared: _Prepared | None) -> tuple[bool, str, int, int]:
-        """One round: every rank posts the same sends/receives whatever its local state. Returns
-        (ok, reason, bytes sent, bytes received)."""
-        me = self.ep_rank
-        sizes = self._copy_bytes()
-        dtype = self.layers[0].experts.slot_gate_up.dtype
-        itemsize = self.layers[0].experts.slot_gate_up.element_size()
-        outgoing: dict[int, list[SlotCopy]] = {}
-        incoming: dict[int, list[SlotCopy]] = {}
-        for copy in copies:
-            if copy.is_local:
-                continue
-            if copy.src_rank == me:
-                outgoing.setdefault(copy.dst_rank, []).append(copy)
-            if copy.dst_rank == me:
-                incoming.setdefault(copy.src_rank, []).append(copy)
-        ok, reason = prepared is not None, ""
-        payloads: dict[int, Tensor] = {}
-        try:
-            if self.fault_hook is not None:
-                self.fault_hook("pack", index)
-            if prepared is not None:
-                for copy in copies:
-                    if copy.is_local and copy.dst_rank == me:
-                        self._stage(prepared, copy, self._rows(copy))
-            for peer, items in outgoing.items():
-                payloads[peer] = torch.cat([r.reshape(-1).to(dtype) for c in items for r in self._rows(c)])
-        except Exception as err:  # keep the lock-step; report through the vote
-            ok, reason = False, f"rank {self._global_rank()}: packing round {index} failed: {err!r}"
-        for peer, items in outgoing.items():
-            if peer not in payloads:
-                numel = sum(sizes[c.layer] for c in items) // itemsize
-                payloads[peer] = torch.zeros(numel, dtype=dtype, device=self._device)
-        buffers = {peer: torch.empty(sum(sizes[c.layer] for c in items) // itemsize, dtype=dtype,
-                                     device=self._device) for peer, items in incoming.items()}
-        self._exchange(index, payloads, buffers)
-        try:
-            if self.fault_hook is not None:
-                self.fault_hook("unpack", index)
-            if ok and prepared is not None:
-                for peer, items in incoming.items():
-                    self._unpack(prepared, items, buffers[peer])
-        except Exception as err:
-            ok, reason = False, f"rank {self._global_rank()}: unpacking round {index} failed: {err!r}"
-        sent = sum(p.numel() for p in payloads.values()) * itemsize
-        received = sum(b.numel() for b in buffers.values()) * itemsize
-        return ok, reason, sent, received
-
-    def _exchange(self, index: int, payloads: dict[int, Tensor], buffers: dict[int, Tensor]) -> None:
-        if not payloads and not buffers:
-            return
-        if self.ep_group is None:
-            raise RuntimeError("remote slot copies without an expert-parallel group")
-        ops = []
-        for peer in sorted(set(payloads) | set(buffers)):  # the same order on both ends of every pair
-            global_peer = dist.get_global_rank(self.ep_group, peer)
-            if peer in payloads:
-                ops.append(dist.P2POp(dist.isend, payloads[peer], global_peer, group=self.ep_group))
-            if peer in buffers:
-                ops.append(dist.P2POp(dist.irecv, buffers[peer], global_peer, group=self.ep_group))
-        try:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait(datetime.timedelta(seconds=self.timeout_s))
-        except Exception as err:
-            message = f"rank {self._global_rank()} (EP rank {self.ep_rank}): EPLB transfer round {index} failed: {err}"
-            if self._agreement is not None:
-                self._agreement.abort(self._round, message)
-            raise CommTimeout(f"{message}; the old placement is still in place but the expert-parallel group is "
-                              "unusable") from err
-
-    def _unpack(self, prepared: _Prepared, items: Sequence[SlotCopy], flat: Tensor) -> None:
-        offset = 0
-        for copy in items:
-            rows = []
-            for staged in prepared.staging[copy.layer]:
-                n = staged[0].numel()
-                rows.append(flat[offset:offset + n].view(staged.shape[1:]))
-                offset += n
-            self._stage(prepared, copy, rows)
-
-    @staticmethod
-    def _stage(prepared: _Prepared, copy: SlotCopy, rows: Sequence[Tensor]) -> None:
-        row = prepared.row_of[(copy.layer, copy.slot)]
-        for staged, value in zip(prepared.staging[copy.layer], rows, strict=True):
-            staged[row].copy_(value)
-
-    @torch.no_grad()
-    def _commit(self, prepared: _Prepared) -> None:
-        with record_function("dualmoe/moe/eplb_commit"):
-            for index, placement in prepared.placements.items():
-                layer = self.layers[index]
-                if index in prepared.staging:
-                    slot_index = torch.tensor(prepared.local_slots[index], dtype=torch.long, device=self._device)
-                    for live, staged in zip((layer.experts.slot_gate_up, layer.experts.slot_down),
-                                            prepared.staging[index], strict=True):
-                        live.index_copy_(0, slot_index, staged)
-                layer.set_placement(placement, refresh="none")  # the slots already hold the new contents
 
 
 def attach_rebalancer(engine: Any, **kwargs: Any) -> Rebalancer:
