@@ -6,7 +6,8 @@ Under the home design every logical expert's weights live on its home rank, e //
 every copy is that home; a slot s lives on rank s // (S/P). `chunk_copies` bounds the bytes each rank
 sends and receives per round (large batched p2p exchanges are known to hang NCCL; SGLang PR #30829).
 Plan layer: torch tensors in, plain frozen data out, no torch.distributed; deterministic, so every rank
-derives the same transfers and rounds from the same plan. Executed by `dualmoe.moe.rebalance`.
+derives the same transfers and rounds from the same plan. Executed by `dualmoe.moe.migration`, driven by
+`dualmoe.moe.rebalance`.
 """
 
 from __future__ import annotations
