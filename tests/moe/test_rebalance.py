@@ -361,7 +361,8 @@ def test_bench_rebalance_tiny_cpu_runs_under_torchrun() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
                           str(ROOT / "bench" / "rebalance.py"), "--tiny", "--json", "--steps", "2", "--interval", "2"],
-                         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT, check=True)
+                         capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 1
     row = rows[0]
