@@ -52,14 +52,16 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, backen
         # gloo connects its full mesh lazily and per pair: without this barrier a rank whose `fn` returns at
         # once could exit while a peer is still connecting, and that peer would fail with "closed by peer".
         dist.barrier()
-        try:
-            out = fn(rank, world_size, *args)
-        finally:
-            # No barrier here: a peer may have died, and destroy must not wait for it.
-            dist.destroy_process_group()
-        results.put((rank, True, out))
+        results.put((rank, True, fn(rank, world_size, *args)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
+    finally:
+        # Flush the report, then leave without interpreter teardown: no destroy_process_group (a peer may have
+        # died and destroy must not wait for it), and no chance for a gloo thread still joinable at exit to
+        # abort the process after its result is computed but before the parent has it.
+        results.close()
+        results.join_thread()
+        os._exit(0)
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int = 4, *, args: tuple = (), backend: str = "gloo",
