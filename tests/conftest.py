@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+
+# DeepSpeed JIT-builds C++ ops (the CPU shared-memory comm op) into TORCH_EXTENSIONS_DIR under a lock file.
+# Keep the build per checkout, so a build killed elsewhere (a stale lock in ~/.cache) or another venv's torch
+# cannot make every distributed test wait on it; spawned ranks inherit the variable.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
