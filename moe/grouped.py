@@ -125,34 +125,29 @@ def _upload(values: list[int], dtype: torch.dtype, device: torch.device) -> Tens
     return host.to(device)
 
 
-def grouped_mm(x_MK: Tensor, w_GNK: Tensor, counts: Sequence[int]) -> Tensor:
-    """y rows of group g = x rows of g @ w[g].T (`counts[g]` consecutive rows per group) -> [M, N]."""
-    if x_MK.shape[0] > 0:
-        y = _grouped_fast("fwd", x_MK, w_GNK.transpose(-2, -1), counts)
+def _grouped_rows(kind: str, a_MK: Tensor, b_GKN: Tensor, counts: Sequence[int]) -> Tensor:
+    """Rows of group g of `a` @ b[g] -> [M, N]: the grouped kernel where it applies, else a per-group loop."""
+    if a_MK.shape[0] > 0:
+        y = _grouped_fast(kind, a_MK, b_GKN, counts)
         if y is not None:
             return y
-    out = x_MK.new_empty((x_MK.shape[0], w_GNK.shape[1]))
+    out = a_MK.new_empty((a_MK.shape[0], b_GKN.shape[2]))
     start = 0
     for g, n in enumerate(counts):
         if n:
-            torch.mm(x_MK[start:start + n], w_GNK[g].t(), out=out[start:start + n])
+            torch.mm(a_MK[start:start + n], b_GKN[g], out=out[start:start + n])
         start += n
     return out
+
+
+def grouped_mm(x_MK: Tensor, w_GNK: Tensor, counts: Sequence[int]) -> Tensor:
+    """y rows of group g = x rows of g @ w[g].T (`counts[g]` consecutive rows per group) -> [M, N]."""
+    return _grouped_rows("fwd", x_MK, w_GNK.transpose(-2, -1), counts)
 
 
 def grouped_mm_dx(dy_MN: Tensor, w_GNK: Tensor, counts: Sequence[int]) -> Tensor:
     """Input grad of `grouped_mm`: dx rows of g = dy rows of g @ w[g] -> [M, K]."""
-    if dy_MN.shape[0] > 0:
-        dx = _grouped_fast("dx", dy_MN, w_GNK, counts)
-        if dx is not None:
-            return dx
-    out = dy_MN.new_empty((dy_MN.shape[0], w_GNK.shape[2]))
-    start = 0
-    for g, n in enumerate(counts):
-        if n:
-            torch.mm(dy_MN[start:start + n], w_GNK[g], out=out[start:start + n])
-        start += n
-    return out
+    return _grouped_rows("dx", dy_MN, w_GNK, counts)
 
 
 def grouped_wgrad(dy_MN: Tensor, x_MK: Tensor, counts: Sequence[int]) -> Tensor | None:
