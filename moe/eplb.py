@@ -431,34 +431,32 @@ def _check_shape(num_experts: int, num_slots: int, num_groups: int, num_nodes: i
                                  f"(hierarchical policy, num_groups % num_nodes == 0)")
 
 
+def _int_map(name: str, value: object, shape: tuple[int, ...], upper: int, *, what: str, items: str) -> torch.Tensor:
+    """`value` as a CPU int64 tensor of `shape` with entries in [0, upper), else PlacementError naming `name`."""
+    if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise PlacementError(f"{name}: expected {what}, got {got}")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise PlacementError(f"{name}: expected an integer tensor, got dtype {value.dtype}")
+    out = value.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    if bool((out < 0).any()) or bool((out >= upper).any()):
+        raise PlacementError(f"{name}: {items} must lie in [0, {upper}), got [{int(out.min())}, {int(out.max())}]")
+    return out
+
+
 def _check_home(home_of: torch.Tensor | bool | None, num_experts: int, num_ranks: int) -> torch.Tensor | None:
     if home_of is None or home_of is False:
         return None
     if home_of is True:
         return home_ranks(num_experts, num_ranks)
-    if not isinstance(home_of, torch.Tensor) or tuple(home_of.shape) != (num_experts,):
-        shape = tuple(home_of.shape) if isinstance(home_of, torch.Tensor) else type(home_of).__name__
-        raise PlacementError(f"home_of: expected a [{num_experts}] tensor of home ranks (or True), got {shape}")
-    if home_of.is_floating_point() or home_of.is_complex() or home_of.dtype == torch.bool:
-        raise PlacementError(f"home_of: expected an integer tensor, got dtype {home_of.dtype}")
-    home_E = home_of.detach().to(device="cpu", dtype=torch.int64).contiguous()
-    if bool((home_E < 0).any()) or bool((home_E >= num_ranks).any()):
-        raise PlacementError(f"home_of: home ranks must lie in [0, {num_ranks}), got [{int(home_E.min())}, "
-                             f"{int(home_E.max())}]")
-    return home_E
+    return _int_map("home_of", home_of, (num_experts,), num_ranks,
+                    what=f"a [{num_experts}] tensor of home ranks (or True)", items="home ranks")
 
 
 def _check_current(current: torch.Tensor, num_layers: int, num_slots: int, num_experts: int) -> torch.Tensor:
     current = getattr(current, "physical_to_logical", current)  # also accept a placement object
-    if not isinstance(current, torch.Tensor) or tuple(current.shape) != (num_layers, num_slots):
-        shape = tuple(current.shape) if isinstance(current, torch.Tensor) else type(current).__name__
-        raise PlacementError(f"current: expected a [{num_layers}, {num_slots}] physical->logical map, got {shape}")
-    if current.is_floating_point() or current.is_complex() or current.dtype == torch.bool:
-        raise PlacementError(f"current: expected an integer tensor, got dtype {current.dtype}")
-    current = current.detach().to(device="cpu", dtype=torch.int64).contiguous()
-    if bool((current < 0).any()) or bool((current >= num_experts).any()):
-        raise PlacementError(f"current: logical expert ids must lie in [0, {num_experts}), got "
-                             f"[{int(current.min())}, {int(current.max())}]")
+    current = _int_map("current", current, (num_layers, num_slots), num_experts,
+                       what=f"a [{num_layers}, {num_slots}] physical->logical map", items="logical expert ids")
     missing = replica_count_of(current, num_experts) == 0
     if bool(missing.any()):
         layer, expert = (int(v) for v in torch.nonzero(missing)[0])
