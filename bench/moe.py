@@ -62,6 +62,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object per implementation")
+    p.add_argument("--trace-dir", default=None,
+                   help="after timing, profile one more iteration (and boundary) of each implementation into "
+                        "DIR/moe_<impl>_ep<EP>_rank<r>.json; summarise with bench/trace_summary.py")
     return p.parse_args(argv)
 
 
@@ -156,7 +159,8 @@ def _build_hf(shape: Shape, dtype: torch.dtype, device: torch.device):
 
 
 def _time(module: nn.Module, forward: Step, boundary: Callable[[], None] | None, shape: Shape,
-          dtype: torch.dtype, device: torch.device, warmup: int, iters: int) -> dict[str, float]:
+          dtype: torch.dtype, device: torch.device, warmup: int, iters: int,
+          trace: str | None = None) -> dict[str, float]:
     gen = torch.Generator(device=device).manual_seed(1234 + (dist.get_rank() if dist.is_initialized() else 0))
     inputs = [torch.randn(shape.tokens, shape.hidden, generator=gen, device=device, dtype=dtype)
               for _ in range(2)]
@@ -193,6 +197,18 @@ def _time(module: nn.Module, forward: Step, boundary: Callable[[], None] | None,
         out["boundary_ms_per_step"] = (time.perf_counter() - start) * 1e3
     if device.type == "cuda":
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if trace:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        sync()
+        with torch.profiler.profile(activities=activities) as prof:
+            one(0)
+            if boundary is not None:
+                boundary()
+            sync()
+        os.makedirs(os.path.dirname(trace) or ".", exist_ok=True)
+        prof.export_chrome_trace(trace)
     module.zero_grad(set_to_none=True)
     return out
 
@@ -226,7 +242,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             module, fwd, boundary, extra["experts_implementation"] = _build_hf(shape, dtype, device)
         else:
             raise SystemExit(f"--impls: unknown implementation {impl!r}; choose from dualmoe, deepspeed, hf")
-        timing = _time(module, fwd, boundary, shape, dtype, device, warmup, iters)
+        trace = (os.path.join(args.trace_dir, f"moe_{impl}_ep{world if impl != 'hf' else 1}_rank{rank}.json")
+                 if args.trace_dir else None)
+        timing = _time(module, fwd, boundary, shape, dtype, device, warmup, iters, trace)
         if impl == "dualmoe":
             from dualmoe.moe.grouped import fallback_counts
 

@@ -18,7 +18,8 @@ loss. Every contender gets the same stock `PipelineModule` layer list (DeepSpeed
 
 Contenders (`--contenders`): ds-1f1b (DeepSpeed PipelineEngine), ds-dualpipev (DeepSpeed 0.19.8 DualPipeVEngine),
 and dualmoe's dualpipev, dualpipe, zbv, zb1p, 1f1b (`pipeline.schedule`); a dualmoe name with the suffix
-":dynamic" runs with `pipeline.static_shapes: false` (a shape header per message). Per contender and m:
+":dynamic" runs with `pipeline.static_shapes: false` (a shape header per message), and "@KEY=VALUE" suffixes
+set other `pipeline` keys (e.g. "dualpipev@p2p_max_ctas=2@sm_carveout=8"; VALUE is read as JSON). Per contender and m:
 `--warmup` untimed steps, then `--steps` timed `train_batch` calls, each started after a barrier and ended by a
 device sync; the step time is the slowest rank's. Memory per rank: peak allocated during the timed steps, and the
 activation peak = peak minus what was allocated when the step began (parameters, grads, optimizer state).
@@ -32,6 +33,7 @@ import faulthandler
 import gc
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -88,7 +90,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU/gloo smoke run: tiny shapes, fp32, few steps")
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
-                   help=f"comma list of ds-1f1b, ds-dualpipev, {', '.join(OURS)} (ours also as NAME{DYNAMIC})")
+                   help=f"comma list of ds-1f1b, ds-dualpipev, {', '.join(OURS)} (ours also as NAME{DYNAMIC} and "
+                        "NAME@KEY=VALUE..., KEY a pipeline config key)")
     p.add_argument("--micro-batches", default="8,16", help="comma list of m (gradient_accumulation_steps)")
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=2048)
@@ -96,7 +99,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--trace-dir", default=None, help="write dualmoe engines' per-rank traces of one timed step")
+    p.add_argument("--trace-dir", default=None,
+                   help="after the timed steps, profile one more step of every contender (torch.profiler, CPU and "
+                        "CUDA) into DIR/<contender>_m<m>_rank<r>.json; summarise with bench/trace_summary.py")
     p.add_argument("--json", default=None, help="write the results to this file (rank 0)")
     p.add_argument("--timeout-s", type=float, default=120.0, help="dualmoe engines' pipeline.timeout_s")
     p.add_argument("--hang-s", type=float, default=0.0,
@@ -129,9 +134,25 @@ def _setup(tiny: bool) -> torch.device:
     return torch.device("cpu")
 
 
+def _split_contender(contender: str) -> tuple[str, dict[str, Any]]:
+    """'dualpipev:dynamic@p2p_max_ctas=2' -> ('dualpipev', {'static_shapes': False, 'p2p_max_ctas': 2})."""
+    name, *settings = contender.split("@")
+    extra: dict[str, Any] = {}
+    if name.endswith(DYNAMIC):
+        name, extra["static_shapes"] = name.removesuffix(DYNAMIC), False
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--contenders: {item!r} in {contender!r} is not KEY=VALUE")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    return name, extra
+
+
 def _config(args: argparse.Namespace, m: int, schedule: str | None) -> dict[str, Any]:
-    dynamic = schedule is not None and schedule.endswith(DYNAMIC)
-    schedule = schedule.removesuffix(DYNAMIC) if schedule else schedule
+    schedule, extra = _split_contender(schedule) if schedule else (schedule, {})
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": args.micro_batch_size, "gradient_accumulation_steps": m,
         "steps_per_print": 10**9, "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
@@ -141,11 +162,7 @@ def _config(args: argparse.Namespace, m: int, schedule: str | None) -> dict[str,
         cfg["bf16"] = {"enabled": True}
     if schedule:
         cfg["pipeline"]["schedule"] = schedule
-        if dynamic:
-            cfg["pipeline"]["static_shapes"] = False
-        if args.trace_dir:
-            cfg["pipeline"]["trace"] = {"enabled": True, "steps": [args.warmup + 1],
-                                        "output_dir": os.path.join(args.trace_dir, f"{schedule}_m{m}")}
+        cfg["pipeline"].update(extra)
     return cfg
 
 
@@ -201,6 +218,8 @@ def _measure(args: argparse.Namespace, contender: str, m: int, device: torch.dev
             peak = torch.cuda.max_memory_allocated(device)
             peaks.append(peak / 2**20)
             activations.append((peak - start_alloc) / 2**20)
+    if args.trace_dir:
+        _profile_step(args, engine, batch, device, re.sub(r"[^A-Za-z0-9_.-]", "-", contender) + f"_m{m}")
     result.step_ms, result.loss = times, float(loss)
     result.median_ms, result.mean_ms = statistics.median(times), statistics.fmean(times)
     gathered: list[Any] = [None] * pipe
@@ -209,6 +228,20 @@ def _measure(args: argparse.Namespace, contender: str, m: int, device: torch.dev
     result.activation_peak_mb = [round(a, 1) for _, a in gathered]
     del engine, batch
     return result
+
+
+def _profile_step(args: argparse.Namespace, engine: Any, batch: list[Any], device: torch.device, name: str) -> None:
+    """One more (untimed) step under torch.profiler, exported as a chrome trace per rank."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    dist.barrier()
+    _sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        engine.train_batch(iter(batch))
+        _sync(device)
+    os.makedirs(args.trace_dir, exist_ok=True)
+    prof.export_chrome_trace(os.path.join(args.trace_dir, f"{name}_rank{dist.get_rank()}.json"))
 
 
 def _table(results: list[Result]) -> str:
