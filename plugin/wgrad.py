@@ -275,7 +275,7 @@ class WeightGradQueue:
                     continue
                 work.check_unchanged()
                 # W runs in the dtypes captured at B, whatever autocast region the engine is in.
-                with torch.no_grad(), torch.autocast(work.g.device.type, enabled=False):
+                with torch.no_grad(), _autocast_off(work.g.device.type):
                     if work.weight is not None:
                         self._collect(work.weight, work.weight_grad(), work.graph_task, remaining, partial)
                     if work.bias is not None:
@@ -392,7 +392,7 @@ class _SplitLinearFn(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         queue, compute_dtype = ctx.queue, ctx.compute_dtype
         grad_x = None
-        with torch.autocast(g.device.type, enabled=False):
+        with _autocast_off(g.device.type):
             if need_x:
                 # Recast rather than save the autocast weight copy: one cast per I, no weight bytes held.
                 w = weight if compute_dtype is None else _cast(weight, compute_dtype)
@@ -411,6 +411,13 @@ class _SplitLinearFn(torch.autograd.Function):
                 return grad_x, None, None, None, None
             # Full B: hand the grads to autograd so AccumulateGrad (and its hooks) behave as usual.
             return grad_x, work.weight_grad(), work.bias_grad(), None, None
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled for `device_type`; no context object at all when it is off already (host time)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -474,6 +481,8 @@ class _SplitLinearForward:
         self.queue = queue
 
     def __call__(self, input: Tensor) -> Tensor:  # same parameter name as nn.Linear.forward
+        if _compiling():
+            return _eager_split_linear(input, self.linear.weight, self.linear.bias, self.queue)
         return split_linear(input, self.linear.weight, self.linear.bias, self.queue)
 
     def __getstate__(self) -> tuple[nn.Linear, WeightGradQueue]:
@@ -483,12 +492,22 @@ class _SplitLinearForward:
         self.linear, self.queue = state
 
 
+def _compiling() -> bool:
+    return False  # replaced by torch.compiler.is_compiling at the first install
+
+
+_eager_split_linear = split_linear  # replaced by a compile-disabled split_linear at the first install
+
+
 def _exclude_from_compile() -> None:
     # Dynamo would bake `queue.capturing` in at trace time (and inductor changes the bits), so a
-    # hooked forward always runs eagerly. Done on first install: importing torch._dynamo costs ~1 s.
-    call = _SplitLinearForward.__call__
-    if not getattr(call, "_torchdynamo_disable", False):
-        _SplitLinearForward.__call__ = torch.compiler.disable(call)
+    # hooked forward always runs eagerly: while tracing, the call goes through a `torch.compiler.disable`d
+    # split_linear (a graph break). Eager calls skip that wrapper, ~10 us of host time per Linear call.
+    # Done on first install: importing torch._dynamo costs ~1 s.
+    global _compiling, _eager_split_linear
+    if _eager_split_linear is split_linear:
+        _compiling = torch.compiler.is_compiling
+        _eager_split_linear = torch.compiler.disable(split_linear)
 
 
 def _is_stock_linear(module: nn.Module) -> bool:
