@@ -23,6 +23,9 @@ set other `pipeline` keys (e.g. "dualpipev@p2p_max_ctas=2@sm_carveout=8"; VALUE 
 `--warmup` untimed steps, then `--steps` timed `train_batch` calls, each started after a barrier and ended by a
 device sync; the step time is the slowest rank's. Memory per rank: peak allocated during the timed steps, and the
 activation peak = peak minus what was allocated when the step began (parameters, grads, optimizer state).
+Host columns (slowest rank, median): "host ms", when the host reached the optimizer step (all forward/backward
+work launched); "cpu ms", the main thread's CPU time in `train_batch`. cpu close to the step time means the host,
+not the device, sets the pace.
 Rank 0 prints each result as it lands, then a table (speed-up vs ds-1f1b at the same m), and writes `--json`.
 """
 
@@ -82,6 +85,8 @@ class Result:
     step_ms: list[float] = field(default_factory=list)
     peak_mb: list[float] = field(default_factory=list)
     activation_peak_mb: list[float] = field(default_factory=list)
+    host_to_optimizer_ms: float | None = None  # median over steps, slowest rank: host reached the optimizer step
+    host_cpu_ms: float | None = None  # median over steps, busiest rank: main-thread CPU time of train_batch
     loss: float | None = None
     error: str | None = None
 
@@ -198,6 +203,15 @@ def _measure(args: argparse.Namespace, contender: str, m: int, device: torch.dev
               torch.randn(args.micro_batch_size, args.seq, args.hidden, generator=gen).to(device, dtype))
              for _ in range(m)]
     engine = _engine(args, contender, m)
+    reached: list[float] = []
+    step_optimizer = engine._take_model_step
+
+    def optimizer_step(*a: Any, **k: Any) -> Any:  # both engines' optimizer step ends train_batch with this
+        reached.append(time.perf_counter())
+        return step_optimizer(*a, **k)
+
+    engine._take_model_step = optimizer_step
+    host, cpu = [], []
     for _ in range(args.warmup):
         engine.train_batch(iter(batch))
     times, peaks, activations = [], [], []
@@ -207,8 +221,10 @@ def _measure(args: argparse.Namespace, contender: str, m: int, device: torch.dev
         start_alloc = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.thread_time()
         loss = engine.train_batch(iter(batch))
+        cpu.append((time.thread_time() - start_cpu) * 1e3)
+        host.append((reached[-1] - start) * 1e3)
         _sync(device)
         elapsed = time.perf_counter() - start
         slowest = torch.tensor([elapsed], dtype=torch.float64, device=device)
@@ -222,6 +238,9 @@ def _measure(args: argparse.Namespace, contender: str, m: int, device: torch.dev
         _profile_step(args, engine, batch, device, re.sub(r"[^A-Za-z0-9_.-]", "-", contender) + f"_m{m}")
     result.step_ms, result.loss = times, float(loss)
     result.median_ms, result.mean_ms = statistics.median(times), statistics.fmean(times)
+    spans = torch.tensor([statistics.median(host), statistics.median(cpu)], dtype=torch.float64, device=device)
+    dist.all_reduce(spans, op=dist.ReduceOp.MAX)
+    result.host_to_optimizer_ms, result.host_cpu_ms = round(float(spans[0]), 2), round(float(spans[1]), 2)
     gathered: list[Any] = [None] * pipe
     dist.all_gather_object(gathered, (max(peaks, default=0.0), max(activations, default=0.0)))
     result.peak_mb = [round(p, 1) for p, _ in gathered]
@@ -246,14 +265,17 @@ def _profile_step(args: argparse.Namespace, engine: Any, batch: list[Any], devic
 
 def _table(results: list[Result]) -> str:
     base = {r.micro_batches: r.median_ms for r in results if r.contender == "ds-1f1b" and r.median_ms}
-    lines = [f"{'contender':<14}{'P':>3}{'m':>4}{'median ms':>11}{'vs ds-1f1b':>11}  {'peak MB/rank':<28}"
-             f"{'act. peak MB/rank':<28}"]
+    width = max([14] + [len(r.contender) + 1 for r in results])
+    lines = [f"{'contender':<{width}}{'P':>3}{'m':>4}{'median ms':>11}{'vs ds-1f1b':>11}{'host ms':>9}{'cpu ms':>8}  "
+             f"{'peak MB/rank':<28}{'act. peak MB/rank':<28}"]
     for r in results:
         if r.error:
-            lines.append(f"{r.contender:<14}{r.pipe:>3}{r.micro_batches:>4}  FAILED: {r.error.splitlines()[-1][:80]}")
+            error = r.error.splitlines()[-1][:80]
+            lines.append(f"{r.contender:<{width}}{r.pipe:>3}{r.micro_batches:>4}  FAILED: {error}")
             continue
         speedup = f"{base[r.micro_batches] / r.median_ms:.3f}x" if r.micro_batches in base else "-"
-        lines.append(f"{r.contender:<14}{r.pipe:>3}{r.micro_batches:>4}{r.median_ms:>11.2f}{speedup:>11}  "
+        host = f"{r.host_to_optimizer_ms:>9.1f}{r.host_cpu_ms:>8.1f}" if r.host_cpu_ms is not None else " " * 17
+        lines.append(f"{r.contender:<{width}}{r.pipe:>3}{r.micro_batches:>4}{r.median_ms:>11.2f}{speedup:>11}{host}  "
                      f"{','.join(f'{p:.0f}' for p in r.peak_mb):<28}"
                      f"{','.join(f'{a:.0f}' for a in r.activation_peak_mb):<28}")
     return "\n".join(lines)

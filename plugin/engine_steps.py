@@ -82,12 +82,15 @@ class StepMixin:
 
         Same effect as DeepSpeed's `_update_hp_grad` (fp32 += grad, marked as having a grad, lp grad dropped),
         but one mixed-dtype add instead of an fp32 copy of the grad followed by an add: the same fp32 sums
-        (bf16 -> fp32 is exact) with a third less memory traffic, paid for every parameter and micro-batch.
+        (bf16 -> fp32 is exact) with a third less memory traffic, paid for every parameter and micro-batch;
+        all parameters' adds go in one `_foreach_add_` call.
         """
         slots = self._bf16_slots
         if not slots:
             return
         opt = self.optimizer
+        hps: list[Tensor] = []
+        grads: list[Tensor] = []
         for lp, i, j in slots:
             grad = lp.grad
             if grad is None:
@@ -96,10 +99,13 @@ class StepMixin:
                 opt._update_hp_grad(lp, i, j, clear_lp_grads=False)
             else:
                 hp = opt.fp32_groups_gradients[i][j]
-                hp.add_(grad.view(hp.shape))
+                hps.append(hp)
+                grads.append(grad.view(hp.shape))
                 lp._hp_grad = hp
                 opt.fp32_groups_has_gradients[i][j] = True
             lp.grad = None
+        if hps:  # one multi-tensor launch instead of one add per parameter (same sums, host time)
+            torch._foreach_add_(hps, grads)
 
     @property
     def _bf16_slots(self) -> list[tuple[Tensor, int, int]]:
