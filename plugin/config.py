@@ -92,6 +92,10 @@ class PipelineConfig(BaseModel):
     error naming the message. False negotiates shapes per message (sequence lengths may change between
     micro-batches). "auto" (default): static unless the PipelineModule was built with `dynamic_shape=True`,
     DeepSpeed's own switch for the same choice."""
+    recv_posting: Literal["ahead", "at_use"] = "ahead"
+    """When a receive's payload is posted: "ahead", at its RECV action (the transfer overlaps compute, but
+    on NCCL the posted receive is a kernel spinning on SMs beside the stage's GEMMs until the data comes);
+    "at_use", when the stage needs it (with every earlier receive from that peer, keeping message order)."""
     p2p_max_ctas: int | None = Field(default=None, ge=1)
     """NCCL's CTA cap (`ncclConfig_t.maxCTAs`) for the pipeline's p2p communicators; None keeps NCCL's choice.
     A posted receive (or a send whose peer has not posted yet) is a kernel spinning on that many SMs while

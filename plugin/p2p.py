@@ -21,11 +21,13 @@ step that carries it; both sides switch to payload-only messages for that key at
 (`finish`). A sender whose tensors later differ raises `ConfigError` naming the message and the fix
 (`static_shapes: false`) before anything is sent, so no receive is ever posted with a wrong shape.
 
-Posting and completion. A receive's payload is posted in message order per peer (NCCL and gloo match
-messages between two ranks in posting order; the engine posts RECVs in the lowered schedule's order, and
-headers make a mismatch an error, not silent corruption). Payload ops queue until `flush`, which
-launches them with one `batch_isend_irecv` per group (the engine flushes after each action); on gloo they
-start at once and per-peer threads wait on them (gloo reports completion only through wait()). On CUDA,
+Posting and completion. A receive's payload is posted at its RECV action (`post_ahead`, default) or only
+when its payload is needed (then with every earlier unposted receive from that peer), in message order per
+peer (NCCL and gloo match messages between two ranks in posting order; the engine posts RECVs in the
+lowered schedule's order, and headers make a mismatch an error, not silent corruption). Payload ops queue
+until `flush`, which launches them with one `batch_isend_irecv` per group (the engine flushes after each
+action); on gloo they start at once and per-peer threads wait on them (gloo reports completion only through
+wait()). On CUDA,
 receives are issued from the comm's own stream, so NCCL does not make them wait for the compute already
 queued on the engine's stream (it would, since the NCCL stream waits for the issuing stream's tail); the
 consumer's stream then waits for the receive (`work.wait()`, no host sync) and `record_stream` keeps the
@@ -223,6 +225,8 @@ class PipeComm:
         device: where payload tensors live (the engine's device).
         abort: deadline and abort flag for every host wait.
         static_shapes: negotiate each message kind's shapes in its first step only (see the module doc).
+        post_ahead: post payload receives at their RECV action (as soon as their shapes are known); False
+            posts them when the payload is needed (`wait_recv`), with every earlier receive from that peer.
 
     Attributes:
         links_warmed: this rank's payload connections set up by `warm_up`.
@@ -231,8 +235,9 @@ class PipeComm:
     """
 
     def __init__(self, groups: Groups, *, device: torch.device, abort: AbortSignal,
-                 static_shapes: bool = False) -> None:
+                 static_shapes: bool = False, post_ahead: bool = True) -> None:
         self.groups = groups
+        self.post_ahead = post_ahead
         self.device = torch.device(device)
         self.abort = abort
         self.static_shapes = static_shapes
@@ -339,7 +344,8 @@ class PipeComm:
             self.headers_received += 1
         self._recvs[key] = recv
         self._unposted.setdefault(peer, deque()).append(recv)
-        self._post_ready(peer)
+        if self.post_ahead:
+            self._post_ready(peer)
 
     def send(self, key: MessageKey, peer: int, tensors: Sequence[Tensor | None]) -> None:
         """Send message `key` to pipeline rank `peer`: header (while shapes are negotiated) and payload.
@@ -369,8 +375,8 @@ class PipeComm:
         recv.header = None
         return metas
 
-    def _post_ready(self, peer: int) -> None:
-        """Post payload receives from `peer`, in message order, while their shapes are known."""
+    def _post_ready(self, peer: int, upto: _Recv | None = None) -> None:
+        """Post payload receives from `peer`, in message order, while their shapes are known (up to `upto`)."""
         pending = self._unposted.get(peer)
         while pending:
             recv = pending[0]
@@ -380,6 +386,8 @@ class PipeComm:
                 recv.metas = self._read_header(recv)
             self._post_payload(recv)
             pending.popleft()
+            if recv is upto:
+                return
 
     def _post_payload(self, recv: _Recv) -> None:
         stream = torch.cuda.stream(self._recv_stream) if self._recv_stream is not None else contextlib.nullcontext()
@@ -404,9 +412,10 @@ class PipeComm:
 
     def progress(self) -> None:
         """Post payload receives whose headers arrived, launch queued ops, drop completed sends (cheap)."""
-        for peer, pending in self._unposted.items():
-            if pending:
-                self._post_ready(peer)
+        if self.post_ahead:
+            for peer, pending in self._unposted.items():
+                if pending:
+                    self._post_ready(peer)
         self.flush()
         sends = self._sends
         while sends and sends[0].done():  # sends complete roughly in order; stop at the first pending one
@@ -433,7 +442,7 @@ class PipeComm:
                     break
             self.abort.wait(lambda: all(d.done() for d in headers), context=context, what=f"the header of {what}",
                             events=[d.event for d in headers])
-            self._post_ready(recv.peer)
+            self._post_ready(recv.peer, upto=None if self.post_ahead else recv)
         self.flush()
         del self._recvs[key]
         if recv.dones:
