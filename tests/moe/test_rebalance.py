@@ -332,7 +332,9 @@ def _check_scenario(results: list[dict[str, object]]) -> None:
     for result in results:
         applied, copies, _, _ = result["forced"]
         assert applied and copies > 0 and all(result["forced_maps_changed"]), result["forced"]
-        assert result["output_bitwise"], result["output_diff"]
+        # A new placement changes each slot's group size in the grouped GEMM, and CPU BLAS may round a row
+        # differently with another M (seen: 4.7e-10): equal to fp32 rounding, not necessarily bitwise.
+        assert result["output_bitwise"] or result["output_diff"] <= 1e-6, result["output_diff"]
         assert result["homes_equal"] and result["opt_state_equal"]
         for applied, status, unchanged, _ in result["failures"]:
             assert not applied and status.startswith("failed: abort") and unchanged, status
