@@ -19,7 +19,7 @@ loss. Every contender gets the same stock `PipelineModule` layer list (DeepSpeed
 Contenders (`--contenders`): ds-1f1b (DeepSpeed PipelineEngine), ds-dualpipev (DeepSpeed 0.19.8 DualPipeVEngine),
 and dualmoe's dualpipev, dualpipe, zbv, zb1p, 1f1b (`pipeline.schedule`); a dualmoe name with the suffix
 ":dynamic" runs with `pipeline.static_shapes: false` (a shape header per message), and "@KEY=VALUE" suffixes
-set other `pipeline` keys (e.g. "dualpipev@p2p_max_ctas=2@sm_carveout=8"; VALUE is read as JSON). Per contender and m:
+set other `pipeline` keys (e.g. "dualpipev@recv_posting=ahead"; VALUE is read as JSON). Per contender and m:
 `--warmup` untimed steps, then `--steps` timed `train_batch` calls, each started after a barrier and ended by a
 device sync; the step time is the slowest rank's. Memory per rank: peak allocated during the timed steps, and the
 activation peak = peak minus what was allocated when the step began (parameters, grads, optimizer state).
@@ -140,7 +140,7 @@ def _setup(tiny: bool) -> torch.device:
 
 
 def _split_contender(contender: str) -> tuple[str, dict[str, Any]]:
-    """'dualpipev:dynamic@p2p_max_ctas=2' -> ('dualpipev', {'static_shapes': False, 'p2p_max_ctas': 2})."""
+    """'zbv:dynamic@timeout_s=60' -> ('zbv', {'static_shapes': False, 'timeout_s': 60})."""
     name, *settings = contender.split("@")
     extra: dict[str, Any] = {}
     if name.endswith(DYNAMIC):

@@ -174,8 +174,7 @@ def _build(cfg: PipelineConfig, config: dict[str, Any], model: PipelineModule, k
                   activation_checkpoint_interval=model.activation_checkpoint_interval)
     schedule = generate(cfg.schedule, grid.pipe_parallel_size, m)
     layout = plan_layout(model._layer_specs, schedule, cfg.partition_method)
-    groups = build_groups(grid, shared_pp_ranks=layout.shared_rank_sets(), timeout_s=cfg.timeout_s,
-                          p2p_max_ctas=cfg.p2p_max_ctas)
+    groups = build_groups(grid, shared_pp_ranks=layout.shared_rank_sets(), timeout_s=cfg.timeout_s)
     old_names = {id(p): name for name, p in model.named_parameters()}
     stages = PipelineStages(model, layout=layout, pp_rank=groups.pp_rank,
                             shared_groups=[(r, g, groups.to_global(r[0])) for r, g in groups.shared])

@@ -92,35 +92,16 @@ class PipelineConfig(BaseModel):
     error naming the message. False negotiates shapes per message (sequence lengths may change between
     micro-batches). "auto" (default): static unless the PipelineModule was built with `dynamic_shape=True`,
     DeepSpeed's own switch for the same choice."""
-    recv_posting: Literal["ahead", "at_use"] = "ahead"
-    """When a receive's payload is posted: "ahead", at its RECV action (the transfer overlaps compute, but
-    on NCCL the posted receive is a kernel spinning on SMs beside the stage's GEMMs until the data comes);
-    "at_use", when the stage needs it (with every earlier receive from that peer, keeping message order)."""
-    p2p_max_ctas: int | None = Field(default=None, ge=1)
-    """NCCL's CTA cap (`ncclConfig_t.maxCTAs`) for the pipeline's p2p communicators; None keeps NCCL's choice.
-    A posted receive (or a send whose peer has not posted yet) is a kernel spinning on that many SMs while
-    the stage computes: fewer CTAs leave more SMs to the stage's GEMMs (see `sm_carveout`)."""
-    sm_carveout: int | Literal["auto"] = "auto"
-    """SMs cuBLAS leaves free during the schedule's actions (`torch._C._set_sm_carveout_experimental`), so
-    its persistent GEMMs never wait for an SM held by a spinning p2p kernel (such a GEMM ran 1.4-1.8x longer
-    on H100). "auto": 4 x `p2p_max_ctas` (a rank runs up to four p2p kernels at once) when that is set, else
-    0; 0 turns it off. CUDA only."""
+    recv_posting: Literal["ahead", "at_use"] = "at_use"
+    """When a receive's payload is posted: "at_use" (default), when the stage needs it, with every earlier
+    receive from that peer (message order holds); "ahead", at its RECV action, so the transfer may overlap
+    compute, but on NCCL the posted receive is a kernel spinning on SMs beside the stage's GEMMs until its
+    data comes (cuBLAS's persistent GEMMs then run up to 1.8x longer). 4x H100, P=4, m=8: at_use was
+    1.8 % faster for dualpipev, 1.2 % for dualpipe (docs/BENCHMARKS.md)."""
     partition_method: str = "parameters"
     """How layers are cut into stages: 'parameters', 'uniform' or 'type:<regex>' (DeepSpeed's methods)."""
     trace: TraceConfig = Field(default_factory=TraceConfig)
     """Profiler traces of selected steps."""
-
-    @model_validator(mode="after")
-    def _check_carveout(self) -> PipelineConfig:
-        if isinstance(self.sm_carveout, int) and self.sm_carveout < 0:
-            raise ValueError(f"sm_carveout={self.sm_carveout!r} must be >= 0 or \"auto\"")
-        return self
-
-    def carveout_sms(self) -> int:
-        """SMs to leave to p2p kernels during actions (the resolved `sm_carveout`)."""
-        if self.sm_carveout == "auto":
-            return 4 * self.p2p_max_ctas if self.p2p_max_ctas else 0
-        return self.sm_carveout
 
     @model_validator(mode="after")
     def _check_partition(self) -> PipelineConfig:

@@ -43,7 +43,6 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.torch_autocast import autocast_if_enabled
 from torch import Tensor
 
-from .carveout import sm_carveout
 from .checkpoint import CheckpointMixin
 from .config import PipelineConfig
 from .engine_steps import StepMixin
@@ -217,15 +216,14 @@ class DualPipeEngine(StepMixin, CheckpointMixin, PipelineEngine):
         if program.train:
             self.tput_timer.start()
         record, progress, steps = torch.profiler.record_function, self._comm.progress, self.global_steps
-        with sm_carveout(self._plan.config.carveout_sms(), self.device):
-            for step, (action, handler, name) in enumerate(zip(plan.actions, plan.handlers, plan.names)):
-                self._context = f"step {steps}, {plan.texts[step]}"
-                try:
-                    with record(name):
-                        handler(self, action)
-                    progress()
-                except Exception as err:
-                    self._fail(plan.actions, step, action, err)
+        for step, (action, handler, name) in enumerate(zip(plan.actions, plan.handlers, plan.names)):
+            self._context = f"step {steps}, {plan.texts[step]}"
+            try:
+                with record(name):
+                    handler(self, action)
+                progress()
+            except Exception as err:
+                self._fail(plan.actions, step, action, err)
         self._context = f"step {self.global_steps}, end of step"
         try:
             self._finish_step(program)

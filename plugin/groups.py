@@ -35,7 +35,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-__all__ = ["Groups", "backend_timeout", "build_groups", "payload_index", "payload_options"]
+__all__ = ["Groups", "backend_timeout", "build_groups", "payload_index"]
 
 
 def payload_index(src: int, dst: int) -> int:
@@ -107,17 +107,7 @@ class Groups:
         raise KeyError(f"no shared-grad group for pipeline ranks {pp_ranks}")
 
 
-def payload_options(max_ctas: int | None) -> Any:
-    """NCCL options capping the CTAs of a payload group's kernels, or None (NCCL's default, or not NCCL)."""
-    if max_ctas is None or dist.get_backend() != "nccl":
-        return None
-    options = dist.ProcessGroupNCCL.Options()
-    options.config.max_ctas = max_ctas
-    return options
-
-
-def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = (), timeout_s: float = 300.0,
-                 p2p_max_ctas: int | None = None) -> Groups:
+def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = (), timeout_s: float = 300.0) -> Groups:
     """Create the groups for DeepSpeed's `PipelineParallelGrid` `grid` (collective: every rank calls it).
 
     Args:
@@ -125,7 +115,6 @@ def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = (), 
         shared_pp_ranks: sets of pipeline ranks that hold copies of the same parameters (DualPipe pairs,
             tied layers); sets of one rank are ignored. Every rank must pass the same sets.
         timeout_s: `pipeline.timeout_s`; the groups' backend timeout is `backend_timeout(timeout_s)`.
-        p2p_max_ctas: `pipeline.p2p_max_ctas`, the NCCL CTA cap of the payload groups.
 
     Returns:
         This rank's `Groups`.
@@ -139,13 +128,9 @@ def build_groups(grid: Any, *, shared_pp_ranks: Iterable[tuple[int, ...]] = (), 
     timeout = backend_timeout(timeout_s)
     # new_group is collective over the world: every rank creates every group in the same order.
     mine: dict[str, Any] = {}
-    options = payload_options(p2p_max_ctas)
     for pipe in pipes:
         for name in ("payload0", "payload1", "payload2", "payload3", "meta"):
-            if name == "meta":
-                group = dist.new_group(ranks=list(pipe), backend="gloo", timeout=timeout)
-            else:
-                group = dist.new_group(ranks=list(pipe), timeout=timeout, pg_options=options)
+            group = dist.new_group(ranks=list(pipe), backend="gloo" if name == "meta" else None, timeout=timeout)
             if pipe == my_pipe:
                 mine[name] = group
 

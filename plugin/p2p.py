@@ -21,8 +21,9 @@ step that carries it; both sides switch to payload-only messages for that key at
 (`finish`). A sender whose tensors later differ raises `ConfigError` naming the message and the fix
 (`static_shapes: false`) before anything is sent, so no receive is ever posted with a wrong shape.
 
-Posting and completion. A receive's payload is posted at its RECV action (`post_ahead`, default) or only
-when its payload is needed (then with every earlier unposted receive from that peer), in message order per
+Posting and completion. A receive's payload is posted at its RECV action (`post_ahead`) or only when its
+payload is needed (the engine's default, `pipeline.recv_posting: "at_use"`: a posted NCCL receive spins on
+SMs beside the stage's GEMMs), then with every earlier unposted receive from that peer, in message order per
 peer (NCCL and gloo match messages between two ranks in posting order; the engine posts RECVs in the
 lowered schedule's order, and headers make a mismatch an error, not silent corruption). Payload ops queue
 until `flush`, which launches them with one `batch_isend_irecv` per group (the engine flushes after each

@@ -51,20 +51,11 @@ def test_config_command_line_override_wins() -> None:
     ({"schedule": "zbv", "overlap": "sometimes"}, r"pipeline\.overlap='sometimes'"),
     ({"schedule": "zbv", "static_shapes": "never"},
      r"^pipeline\.static_shapes='never': Input should be a valid boolean, .*, or input should be 'auto'$"),
-    ({"schedule": "zbv", "p2p_max_ctas": 0}, r"pipeline\.p2p_max_ctas=0: .*greater than or equal to 1"),
-    ({"schedule": "zbv", "sm_carveout": -2}, r"sm_carveout=-2 must be >= 0 or \"auto\""),
-    ({"schedule": "zbv", "sm_carveout": "all"}, r"pipeline\.sm_carveout='all': .*'auto'"),
+    ({"schedule": "zbv", "recv_posting": "early"}, r"pipeline\.recv_posting='early' is not valid; .*'at_use'"),
 ])
 def test_config_rejects_bad_keys_naming_key_value_and_valid(pipeline: dict, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
         parse_pipeline_config(_ds(**pipeline))
-
-
-def test_config_sm_carveout_follows_the_p2p_cta_cap() -> None:
-    assert PipelineConfig(schedule="zbv").carveout_sms() == 0  # NCCL's own CTA counts: nothing reserved
-    assert PipelineConfig(schedule="zbv", p2p_max_ctas=2).carveout_sms() == 8  # four p2p kernels at once
-    assert PipelineConfig(schedule="zbv", p2p_max_ctas=2, sm_carveout=0).carveout_sms() == 0
-    assert PipelineConfig(schedule="zbv", sm_carveout=16).carveout_sms() == 16
 
 
 def test_config_is_frozen() -> None:

@@ -18,8 +18,8 @@ VARIANTS = (
     ("zbv", {"split_backward": False}, False),
     ("dualpipev", {}, True),  # backward-first overlap function registered
     ("dualpipev", {"overlap": False, "trace": {"enabled": True, "steps": [0]}}, False),
-    ("dualpipev", {"recv_posting": "at_use"}, False),
-    ("zbv", {"recv_posting": "at_use", "static_shapes": False}, False),  # headers first, payloads at use
+    ("dualpipev", {"recv_posting": "ahead"}, False),
+    ("zbv", {"recv_posting": "ahead", "static_shapes": False}, False),  # payloads as soon as headers arrive
 )
 
 
