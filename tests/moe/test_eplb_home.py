@@ -144,3 +144,31 @@ def test_plan_placement_rejects_bad_home_inputs(kwargs: dict, match: str) -> Non
 def test_home_ranks_needs_a_divisible_expert_count() -> None:
     with pytest.raises(PlacementError, match=r"home_of=True: the number of logical experts \(10\) must be divisible"):
         plan_placement(torch.ones(1, 10), None, num_slots=12, num_nodes=1, num_ranks=4, num_groups=1, home_of=True)
+
+
+def test_home_swaps_one_iteration_takes_several_disjoint_swaps_and_raises_the_objective() -> None:
+    """One iteration swaps on several GPU pairs at once; the objective (balancedness - remote cost) rises
+    in every layer that changes, replica counts stay, no GPU gets a second replica of an expert."""
+    load = zipf_load(4, 64, 0.6, seed=13)
+    placement = rebalance_experts(load, 96, 1, 1, 8)[0]  # 12 slots per GPU, most replicas off their home
+    home = home_ranks(64, 8)
+    out = home_swaps(placement, load, home, num_gpus=8, remote_cost=0.05, max_iters=1)
+    changed = (out != placement).sum(-1)
+    assert int(changed.max()) >= 6  # three swaps or more in a layer after one iteration
+    score_in = balancedness(placement, load, 8) - 0.05 * remote_slots(placement, home, 8) / 96
+    score_out = balancedness(out, load, 8) - 0.05 * remote_slots(out, home, 8) / 96
+    assert ((score_out > score_in) | (changed == 0)).all()
+    assert torch.equal(out.sort(-1).values, placement.sort(-1).values)
+    per_gpu = out.view(-1, 12).sort(-1).values
+    assert not (per_gpu[:, 1:] == per_gpu[:, :-1]).any()
+
+
+@pytest.mark.parametrize("max_moves", [0, 2, 5, 11])
+def test_home_swaps_keep_the_budget_with_several_swaps_per_iteration(max_moves: int) -> None:
+    load = zipf_load(4, 64, 0.6, seed=14)
+    current = rebalance_experts(load, 96, 1, 1, 8)[0]
+    out = home_swaps(current, load, home_ranks(64, 8), num_gpus=8, current_LS=current, copy_cost=1e-4,
+                     remote_cost=0.3, max_moves=max_moves)
+    assert ((out != current).sum(-1) <= max_moves).all()
+    if max_moves >= 5:
+        assert int((out != current).sum()) > 0
