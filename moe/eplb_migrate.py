@@ -22,7 +22,7 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-from dualmoe.moe.eplb_search import local_search
+from dualmoe.moe.eplb_sticky import sticky_search
 
 __all__ = ["choose_per_layer", "home_swaps", "num_remote", "relabel"]
 
@@ -56,24 +56,12 @@ def choose_per_layer(
     whose winner would hold more remote slots than the winner without remote cost keeps the latter, so
     the remote cost never adds remote slots. Returns the new map [L, S]."""
     num_layers, num_slots = current_LS.shape
-    num_experts = load_LE.shape[1]
     groups = num_nodes if hierarchical else 1
-    count_LE = torch.zeros(num_layers, num_experts, dtype=torch.int64)
-    count_LE.scatter_add_(1, current_LS, torch.ones_like(current_LS))
     budget_L = None if max_moves is None else torch.full((num_layers,), max_moves, dtype=torch.int64)
     domain_G = torch.arange(num_gpus) // (num_gpus // groups) if hierarchical else None
-    sticky_LS, _ = local_search(
-        current_LS,
-        count_LE,
-        load_LE,
-        num_packs=num_gpus,
-        cap=num_gpus // groups,
-        current_RS=current_LS,
-        copy_penalty=copy_cost / num_slots,
-        budget_R=budget_L,
-        domain_P=domain_G,
-        max_iters=num_slots if max_moves is None else max_moves,
-    )
+    sticky_LS = sticky_search(current_LS, load_LE, num_packs=num_gpus, cap=num_gpus // groups,
+                              copy_penalty=copy_cost / num_slots, budget_R=budget_L, domain_P=domain_G,
+                              max_iters=num_slots if max_moves is None else max_moves)
     homes = home_E is not None and remote_cost > 0
     cands = [current_LS, sticky_LS, fresh_LS]
     if homes:
