@@ -3,8 +3,10 @@
 Runs after the greedy packing of a fresh plan (every improving move). Its sticky mode (from the deployed
 placement; moves ranked by balancedness gain per new weight copy, only while worth their copies, within a
 budget) is the one-move-per-iteration reference of :func:`dualmoe.moe.eplb_sticky.sticky_search`, which
-migration-aware planning uses and which shares :func:`_best_replace` and the search state from here. Model and legend as in :mod:`dualmoe.moe.eplb_pack`; W are the rows
-still moving, p the slots of one pack, Q the partner slots in pack-minor order (q = k * P + h).
+migration-aware planning uses and which shares :func:`_best_replace` and the search state from here.
+
+Model and legend as in :mod:`dualmoe.moe.eplb_pack`; W are the rows still moving, p the slots of one
+pack, Q the partner slots in pack-minor order (q = k * P + h).
 """
 
 from __future__ import annotations
