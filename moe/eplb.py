@@ -28,6 +28,7 @@ of one expert, K candidate group->node splits, R rows (independent sub-problems)
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -330,33 +331,69 @@ def _candidate_splits(
         return torch.zeros(num_layers, num_groups, dtype=torch.int64), layers_L
     greedy_LG = pack_greedy(group_load_LG, torch.arange(num_groups).expand(num_layers, -1),
                             num_packs=num_nodes, num_experts=num_groups)
-    splits_KG = group_partitions(num_groups, num_nodes)
-    if splits_KG is None:
+    tables = _split_tables(num_groups, num_nodes, load_LE.shape[1] // num_groups)
+    if tables is None:
         return greedy_LG, layers_L
-    groups_per_node = num_groups // num_nodes
-    gpus_per_node = num_gpus // num_nodes
-    subsets = list(itertools.combinations(range(num_groups), groups_per_node))
-    subset_index = {s: i for i, s in enumerate(subsets)}
-    experts_per_group = load_LE.shape[1] // num_groups
-    subset_experts = torch.tensor(
-        [[g * experts_per_group + e for g in s for e in range(experts_per_group)] for s in subsets]
-    )
-    sub_load = load_LE[:, subset_experts]  # [L, subsets, experts per node]
-    num_sub = len(subsets)
-    count = apportion(sub_load.reshape(num_layers * num_sub, -1), num_slots // num_nodes, gpus_per_node)
-    per_replica = (sub_load.reshape(num_layers * num_sub, -1) / count).max(-1).values.view(num_layers, num_sub)
-    bound_LU = torch.maximum(sub_load.sum(-1) / gpus_per_node, per_replica)
-    split_subsets = torch.tensor(
-        [[subset_index[tuple(torch.nonzero(row == n).squeeze(1).tolist())] for n in range(num_nodes)]
-         for row in splits_KG]
-    )  # [K, N]
-    bounded_LG = splits_KG[bound_LU[:, split_subsets].max(-1).values.argmin(-1)]
+    bound_LK = _split_bounds(load_LE, tables, num_slots=num_slots, num_nodes=num_nodes, num_gpus=num_gpus)
+    bounded_LG = tables[0][bound_LK.argmin(-1)]
     # Compare as partitions: label the greedy blocks in order of their smallest group, as the enumeration does.
     first_LN = torch.full((num_layers, num_nodes), num_groups, dtype=torch.int64)
     first_LN.scatter_reduce_(1, greedy_LG, torch.arange(num_groups).expand(num_layers, -1), reduce="amin")
     canonical_LG = first_LN.argsort(-1).argsort(-1).gather(1, greedy_LG)
     differ_L = (canonical_LG != bounded_LG).any(-1)
     return torch.cat([greedy_LG, bounded_LG[differ_L]]), torch.cat([layers_L, layers_L[differ_L]])
+
+
+@functools.lru_cache(maxsize=8)
+def _split_tables(num_groups: int, num_nodes: int,
+                  experts_per_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(all group->node splits [K, groups], experts of every node-sized group subset [U, experts per node],
+    subset of every node of every split [K, N]), or None when the splits are too many to enumerate."""
+    splits_KG = group_partitions(num_groups, num_nodes)
+    if splits_KG is None:
+        return None
+    subsets = list(itertools.combinations(range(num_groups), num_groups // num_nodes))
+    subset_index = {s: i for i, s in enumerate(subsets)}
+    subset_experts = torch.tensor(
+        [[g * experts_per_group + e for g in s for e in range(experts_per_group)] for s in subsets]
+    )
+    split_subsets = torch.tensor(
+        [[subset_index[tuple(g for g, node in enumerate(row) if node == n)] for n in range(num_nodes)]
+         for row in splits_KG.tolist()]
+    )
+    return splits_KG, subset_experts, split_subsets
+
+
+def _split_bounds(load_LE: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor], *, num_slots: int,
+                  num_nodes: int, num_gpus: int) -> torch.Tensor:
+    """[L, K] lower bound on the max GPU load of every split: max over its nodes of max(node load / GPUs
+    per node, the least max per-replica load of the node's experts on the node's slots)."""
+    _, subset_experts, split_subsets = tables
+    num_layers, num_sub = load_LE.shape[0], subset_experts.shape[0]
+    gpus_per_node = num_gpus // num_nodes
+    sub_load = load_LE[:, subset_experts].reshape(num_layers * num_sub, -1)  # [L * subsets, experts per node]
+    count = apportion(sub_load, num_slots // num_nodes, gpus_per_node)
+    per_replica = (sub_load / count).max(-1).values.view(num_layers, num_sub)
+    bound_LU = torch.maximum(sub_load.sum(-1).view(num_layers, num_sub) / gpus_per_node, per_replica)
+    return bound_LU[:, split_subsets].max(-1).values
+
+
+def balancedness_bound(load_LE: torch.Tensor, *, num_slots: int, num_groups: int, num_nodes: int,
+                       num_gpus: int) -> torch.Tensor:
+    """[L] float64 upper bound on the balancedness of any placement of the policy (mean GPU load over a
+    lower bound on the max: the mean, the least max per-replica load, and in the hierarchical policy the
+    best group->node split's node loads when the splits can be enumerated)."""
+    load_LE = load_LE.to(torch.float64)
+    mean_L = load_LE.sum(-1) / num_gpus
+    hierarchical = num_groups % num_nodes == 0 and num_nodes > 1
+    tables = _split_tables(num_groups, num_nodes, load_LE.shape[1] // num_groups) if hierarchical else None
+    if tables is not None:
+        low_L = _split_bounds(load_LE, tables, num_slots=num_slots, num_nodes=num_nodes, num_gpus=num_gpus).min(-1)
+        low_L = torch.maximum(low_L.values, mean_L)
+    else:  # an expert lives on one node: at most GPUs-per-node replicas in the hierarchical policy
+        count = apportion(load_LE, num_slots, num_gpus // num_nodes if hierarchical else num_gpus)
+        low_L = torch.maximum(mean_L, (load_LE / count).max(-1).values)
+    return torch.where(low_L > 0, mean_L / low_L.clamp(min=1e-300), torch.ones_like(mean_L))
 
 
 def _plan_domain(load_RE: torch.Tensor, *, num_slots: int, num_packs: int) -> tuple[torch.Tensor, torch.Tensor]:
