@@ -192,10 +192,9 @@ def plan_placement(
         raise PlacementError(f"remote_cost={remote_cost!r}: must be a number >= 0")
     home_E = _check_home(home_of, num_experts, num_ranks)
     hierarchical = num_groups % num_nodes == 0 and num_nodes > 1
-    fresh_LS, _ = _plan_fresh(
-        load_LE, num_slots=num_slots, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_ranks
-    )
+    shape = dict(num_slots=num_slots, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_ranks)
     if current is None:
+        fresh_LS, _ = _plan_fresh(load_LE, **shape)
         if home_E is not None and remote_cost > 0:
             groups = num_nodes if hierarchical else 1
             homed_LS = relabel(fresh_LS, None, num_gpus=num_ranks, num_nodes=groups, home_E=home_E,
@@ -211,7 +210,7 @@ def plan_placement(
     new_LS = choose_per_layer(
         load_LE,
         current_LS,
-        fresh_LS,
+        lambda layers: _plan_fresh(load_LE[layers], **shape)[0],  # made only for layers where it may win
         num_gpus=num_ranks,
         num_nodes=num_nodes,
         hierarchical=hierarchical,
@@ -220,6 +219,7 @@ def plan_placement(
         copy_cost=float(copy_cost),
         home_E=home_E,
         remote_cost=float(remote_cost),
+        bound_L=_balancedness_bound(load_LE, **shape),
     )
     before_L = balancedness(current_LS, load_LE, num_ranks)
     return _make_plan(new_LS, new_LS != current_LS, before_L, balancedness(new_LS, load_LE, num_ranks), num_experts)
@@ -378,7 +378,7 @@ def _split_bounds(load_LE: torch.Tensor, tables: tuple[torch.Tensor, torch.Tenso
     return bound_LU[:, split_subsets].max(-1).values
 
 
-def balancedness_bound(load_LE: torch.Tensor, *, num_slots: int, num_groups: int, num_nodes: int,
+def _balancedness_bound(load_LE: torch.Tensor, *, num_slots: int, num_groups: int, num_nodes: int,
                        num_gpus: int) -> torch.Tensor:
     """[L] float64 upper bound on the balancedness of any placement of the policy (mean GPU load over a
     lower bound on the max: the mean, the least max per-replica load, and in the hierarchical policy the

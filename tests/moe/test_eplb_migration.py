@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 import torch
 from dualmoe.errors import PlacementError
-from dualmoe.moe.eplb import Plan, balancedness, gpu_load, plan_placement, rebalance_experts
+from dualmoe.moe import eplb_migrate
+from dualmoe.moe.eplb import Plan, _balancedness_bound, balancedness, gpu_load, plan_placement, rebalance_experts
 from dualmoe.moe.eplb_migrate import relabel
 
 from tests.moe.test_eplb import check_invariants, zipf_load
@@ -187,3 +188,31 @@ def test_plan_placement_rejects_bad_inputs(current: torch.Tensor | None, kwargs:
     load = zipf_load(4, 64, 0.8, seed=0)
     with pytest.raises(PlacementError, match=match):
         plan_placement(load, current, **{**GLOBAL, **kwargs})
+
+
+@pytest.mark.parametrize("cfg", [GLOBAL, HIER], ids=["global", "hierarchical"])
+def test_plan_placement_skipping_hopeless_fresh_plans_changes_no_plan(cfg: dict, monkeypatch) -> None:
+    """The fresh plan is made only for layers where it could win (balancedness bound, >= 25 % copies):
+    on 3 loads x 3 settings the plans equal those made with the fresh plan in every layer."""
+    plans = {}
+    for fresh_min_copies in (eplb_migrate._FRESH_MIN_COPIES, -1e9):
+        monkeypatch.setattr(eplb_migrate, "_FRESH_MIN_COPIES", fresh_min_copies)
+        for seed in range(3):
+            current, load = deployed(cfg, skew=0.6 + 0.3 * seed, seed=20 + seed)
+            for kwargs in (dict(copy_cost=0.1), dict(copy_cost=0.1, max_moves=12), dict(copy_cost=1e-4)):
+                plan = plan_placement(load, current, **kwargs, **cfg).physical_to_logical
+                plans.setdefault((seed, str(kwargs)), []).append(plan)
+    for key, (skipped, full) in plans.items():
+        assert torch.equal(skipped, full), key
+
+
+@pytest.mark.parametrize("cfg", [GLOBAL, HIER, dict(GLOBAL, num_slots=64)], ids=["global", "hier", "no-redundant"])
+def test_balancedness_bound_holds_for_fresh_plans(cfg: dict) -> None:
+    for seed in range(4):
+        load = zipf_load(4, 64, 0.5 + 0.3 * seed, seed=seed)
+        shape = dict(num_slots=cfg["num_slots"], num_groups=cfg["num_groups"], num_nodes=cfg["num_nodes"],
+                     num_gpus=cfg["num_ranks"])
+        bound = _balancedness_bound(load, **shape)
+        fresh = rebalance_experts(load, cfg["num_slots"], cfg["num_groups"], cfg["num_nodes"], cfg["num_ranks"])[0]
+        assert bool((balancedness(fresh, load, cfg["num_ranks"]) <= bound + 1e-12).all())
+        assert bool((bound <= 1.0).all())
