@@ -32,7 +32,8 @@ _EXACT_ASSIGN_MAX = 6  # enumerate all permutations up to this many nodes/GPUs (
 _EXCHANGE_ROUNDS = 8  # rounds of pairwise exchanges after the greedy assignment (one exchange per row each)
 _EXCHANGE_MAX = 64  # ... only for up to this many GPUs per node
 _HOME_SWAP_TOL = 1e-12  # a home swap must raise the objective by more than this
-_MATCH_ROUNDS = 4  # rounds of matching home swaps on disjoint GPU pairs per iteration
+_MATCH_ROUNDS = 2  # rounds of matching home swaps on disjoint GPU pairs per iteration
+_HOME_BLOCKED = 1e30  # subtracted from the score of a blocked home swap
 _FRESH_MIN_COPIES = 0.25  # share of the slots a relabelled fresh plan is assumed to copy at least
 
 
@@ -263,7 +264,8 @@ def _home_candidates(x_RS: torch.Tensor, share_RE: torch.Tensor, mean_R: torch.T
         node_G = torch.arange(num_gpus) // (num_gpus // num_nodes)
         ok_RS &= node_G[home_RS] == node_G[gpu_S]
     to_p = home_b == gpu_S.view(1, -1, 1)  # b comes home (dhome 2); b leaves its home (dhome 0): blocked
-    blocked = ~ok_RS.unsqueeze(2) | b_on_p | (home_b == home_RS.unsqueeze(2))
+    # Blocked moves get -1e30 (bool-masked fills of big tensors are slow on CPU; arithmetic is not).
+    blocked = (b_on_p | (home_b == home_RS.unsqueeze(2))).to(torch.float64).add_((~ok_RS).unsqueeze(2))
     # New max: the two touched GPUs after the swap, or the largest untouched one (top 3 suffice).
     top3_v, top3_i = gpu_RG.topk(min(3, num_gpus), dim=-1)
     touched = (top3_i.unsqueeze(1) == gpu_S.view(1, -1, 1)) | (top3_i.unsqueeze(1) == home_RS.unsqueeze(2))
@@ -274,21 +276,21 @@ def _home_candidates(x_RS: torch.Tensor, share_RE: torch.Tensor, mean_R: torch.T
     new_top = torch.maximum(new_pair, other_RS.unsqueeze(2))
     copy_price, remote_price = prices
     side = to_p.to(torch.float64).add_(1.0).mul_(remote_price)
-    dchanged = torch.zeros(1, dtype=torch.int64).expand(num_rows, num_slots, per_gpu)
+    dchanged = torch.zeros(1, dtype=torch.float64).expand(num_rows, num_slots, per_gpu)
     changed_R = torch.zeros(num_rows, dtype=torch.int64)
-    if cur_RS is not None:  # slots starting to differ: i gets b, j gets a
-        moved_RS = (x_RS != cur_RS).to(torch.int64)
-        dchanged = ((b_RST != cur_RS.unsqueeze(2)).to(torch.int64) - moved_RS.unsqueeze(2)
-                    + (x_RS.unsqueeze(2) != on_home(cur_RS)) - on_home(moved_RS))
-        side.sub_(copy_price * dchanged)
-        changed_R = moved_RS.sum(-1)
+    if cur_RS is not None:  # slots starting to differ: i gets b, j gets a (float64: integers, exact)
+        moved_RS = (x_RS != cur_RS).to(torch.float64)
+        dchanged = (b_RST != cur_RS.unsqueeze(2)).to(torch.float64).add_(x_RS.unsqueeze(2) != on_home(cur_RS))
+        dchanged.sub_(on_home(moved_RS)).sub_(moved_RS.unsqueeze(2))
+        side.add_(dchanged, alpha=-copy_price)
+        changed_R = moved_RS.sum(-1).to(torch.int64)
         if max_moves is not None:
-            blocked |= changed_R.view(-1, 1, 1) + dchanged > max_moves
+            blocked.add_(dchanged > max_moves - changed_R.view(-1, 1, 1))
+    # Balancedness mean / max (an all-zero layer has mean 0: 0 before and after, as with 1.0 for it).
     m = mean_R.view(-1, 1, 1)
-    bal_now = torch.where(top_R > 0, mean_R / top_R.clamp(min=1e-300), 1.0).view(-1, 1, 1)
-    score = torch.where(new_top > 0, m / new_top.clamp(min=1e-300), 1.0).sub_(bal_now).add_(side)
-    side.masked_fill_(blocked, -float("inf"))
-    return _HomeCandidates(score.masked_fill_(blocked, -float("inf")), side, new_top, new_pair, dchanged, changed_R,
+    score = (m / new_top.clamp(min=1e-300)).sub_(m / top_R.view(-1, 1, 1).clamp(min=1e-300)).add_(side)
+    side.add_(blocked, alpha=-_HOME_BLOCKED)
+    return _HomeCandidates(score.add_(blocked, alpha=-_HOME_BLOCKED), side, new_top, new_pair, dchanged, changed_R,
                            home_RS.unsqueeze(2) * per_gpu + torch.arange(per_gpu), gpu_S, home_RS, mean_R)
 
 
