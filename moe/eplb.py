@@ -74,9 +74,11 @@ def rebalance_experts(
     """
     load_LE = _check_load(weight, "weight")
     _check_shape(load_LE.shape[1], num_replicas, num_groups, num_nodes, num_gpus, slots_name="num_replicas")
-    physical_to_logical, count_LE = _plan_fresh(
-        load_LE, num_slots=num_replicas, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_gpus
-    )
+    with torch.inference_mode():  # ~10 % less per-op overhead; the results are cloned out of it below
+        physical_to_logical, count_LE = _plan_fresh(
+            load_LE, num_slots=num_replicas, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_gpus
+        )
+    physical_to_logical, count_LE = physical_to_logical.clone(), count_LE.clone()
     return physical_to_logical, logical_to_physical_map(physical_to_logical, count_LE), count_LE
 
 
@@ -191,38 +193,51 @@ def plan_placement(
     if not isinstance(remote_cost, (int, float)) or isinstance(remote_cost, bool) or not remote_cost >= 0:
         raise PlacementError(f"remote_cost={remote_cost!r}: must be a number >= 0")
     home_E = _check_home(home_of, num_experts, num_ranks)
+    current_LS = None if current is None else _check_current(current, num_layers, num_slots, num_experts)
+    with torch.inference_mode():  # ~10 % less per-op overhead; the new map is cloned out of it below
+        new_LS = _plan(load_LE, current_LS, num_slots=num_slots, num_groups=num_groups, num_nodes=num_nodes,
+                       num_gpus=num_ranks, max_moves=max_moves, min_gain=float(min_gain), copy_cost=float(copy_cost),
+                       home_E=home_E, remote_cost=float(remote_cost))
+    new_LS = new_LS.clone()
+    after_L = balancedness(new_LS, load_LE, num_ranks)
+    if current_LS is None:
+        return _make_plan(new_LS, torch.ones_like(new_LS, dtype=torch.bool), torch.zeros_like(after_L), after_L,
+                          num_experts)
+    before_L = balancedness(current_LS, load_LE, num_ranks)
+    return _make_plan(new_LS, new_LS != current_LS, before_L, after_L, num_experts)
+
+
+def _plan(load_LE: torch.Tensor, current_LS: torch.Tensor | None, *, num_slots: int, num_groups: int, num_nodes: int,
+          num_gpus: int, max_moves: int | None, min_gain: float, copy_cost: float, home_E: torch.Tensor | None,
+          remote_cost: float) -> torch.Tensor:
+    """The new map [L, S] of :func:`plan_placement` (checked inputs)."""
     hierarchical = num_groups % num_nodes == 0 and num_nodes > 1
-    shape = dict(num_slots=num_slots, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_ranks)
-    if current is None:
+    shape = dict(num_slots=num_slots, num_groups=num_groups, num_nodes=num_nodes, num_gpus=num_gpus)
+    if current_LS is None:
         fresh_LS, _ = _plan_fresh(load_LE, **shape)
         if home_E is not None and remote_cost > 0:
             groups = num_nodes if hierarchical else 1
-            homed_LS = relabel(fresh_LS, None, num_gpus=num_ranks, num_nodes=groups, home_E=home_E,
+            homed_LS = relabel(fresh_LS, None, num_gpus=num_gpus, num_nodes=groups, home_E=home_E,
                                home_weight=remote_cost)
-            better_L = num_remote(homed_LS, home_E, num_ranks) < num_remote(fresh_LS, home_E, num_ranks)
+            better_L = num_remote(homed_LS, home_E, num_gpus) < num_remote(fresh_LS, home_E, num_gpus)
             fresh_LS = torch.where(better_L.unsqueeze(1), homed_LS, fresh_LS)  # the greedy relabel is a heuristic
-            fresh_LS = home_swaps(fresh_LS, load_LE, home_E, num_gpus=num_ranks, num_nodes=groups,
-                                  remote_cost=float(remote_cost))
-        after_L = balancedness(fresh_LS, load_LE, num_ranks)
-        changed_LS = torch.ones_like(fresh_LS, dtype=torch.bool)
-        return _make_plan(fresh_LS, changed_LS, torch.zeros_like(after_L), after_L, num_experts)
-    current_LS = _check_current(current, num_layers, num_slots, num_experts)
-    new_LS = choose_per_layer(
+            fresh_LS = home_swaps(fresh_LS, load_LE, home_E, num_gpus=num_gpus, num_nodes=groups,
+                                  remote_cost=remote_cost)
+        return fresh_LS
+    return choose_per_layer(
         load_LE,
         current_LS,
         lambda layers: _plan_fresh(load_LE[layers], **shape)[0],  # made only for layers where it may win
-        num_gpus=num_ranks,
+        num_gpus=num_gpus,
         num_nodes=num_nodes,
         hierarchical=hierarchical,
         max_moves=max_moves,
-        min_gain=float(min_gain),
-        copy_cost=float(copy_cost),
+        min_gain=min_gain,
+        copy_cost=copy_cost,
         home_E=home_E,
-        remote_cost=float(remote_cost),
+        remote_cost=remote_cost,
         bound_L=_balancedness_bound(load_LE, **shape),
     )
-    before_L = balancedness(current_LS, load_LE, num_ranks)
-    return _make_plan(new_LS, new_LS != current_LS, before_L, balancedness(new_LS, load_LE, num_ranks), num_experts)
 
 
 def home_ranks(num_experts: int, num_ranks: int) -> torch.Tensor:

@@ -216,3 +216,16 @@ def test_balancedness_bound_holds_for_fresh_plans(cfg: dict) -> None:
         fresh = rebalance_experts(load, cfg["num_slots"], cfg["num_groups"], cfg["num_nodes"], cfg["num_ranks"])[0]
         assert bool((balancedness(fresh, load, cfg["num_ranks"]) <= bound + 1e-12).all())
         assert bool((bound <= 1.0).all())
+
+
+def test_plans_are_ordinary_tensors_outside_inference_mode() -> None:
+    """Planning runs under torch.inference_mode(); what it returns must still be usable in place."""
+    current, load = deployed(GLOBAL)
+    plan = plan_placement(load, current, **GLOBAL)
+    maps = rebalance_experts(load, 80, 8, 3, 8)
+    for t in (plan.physical_to_logical, plan.logical_to_physical, plan.replica_count, plan.changed, *maps):
+        assert not t.is_inference()
+        if t.dtype == torch.bool:
+            t.logical_not_()
+        else:
+            t.add_(1)
