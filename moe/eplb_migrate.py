@@ -63,10 +63,10 @@ def choose_per_layer(
     layer) the fresh plan is made only for layers where it could win if relabelling left
     ``_FRESH_MIN_COPIES`` (25 %) of the slots to copy: relabelled fresh plans copy 50-80 % at
     DeepSeek-V3 shapes (32-144 GPUs), and one much closer to the deployed placement is a few moves from
-    it, where the sticky search looks. At copy_cost 0.1 and 32 GPUs the sticky plan ends within 0.0015
-    of the bound, so the fresh plan (about half the planning time) is skipped in every layer; at the
-    Rebalancer's copy_cost 1e-4, or where the sticky plan stays far from the bound, it is made. On the
-    benchmark grid and the test battery the skip changes no plan.
+    it, where the sticky search looks. At copy_cost 0.1 and 32 GPUs the sticky plan mostly ends within
+    0.0015 of the bound, so the fresh plan (about half the planning time) is skipped in nearly every
+    layer; at the Rebalancer's copy_cost 1e-4, or where the sticky plan stays far from the bound, it is
+    made. On the benchmark grid and the test battery the skip changes no plan.
 
     With ``home_E`` and ``remote_cost > 0`` two home-aware candidates join: the sticky plan after
     :func:`home_swaps`, and the fresh plan relabelled for copies *and* homes, then home-swapped. A layer
