@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 from dualmoe.errors import PlacementError
-from dualmoe.moe.eplb_migrate import choose_per_layer, home_swaps, num_remote, relabel
+from dualmoe.moe.eplb_home import home_swaps, num_remote
+from dualmoe.moe.eplb_migrate import choose_per_layer, relabel
 from dualmoe.moe.eplb_pack import apportion, group_partitions, pack_greedy, place_exactly
 from dualmoe.moe.eplb_search import local_search
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from dualmoe.errors import PlacementError
 from dualmoe.moe.eplb import balancedness, home_ranks, plan_placement, rebalance_experts, remote_slots
-from dualmoe.moe.eplb_migrate import home_swaps
+from dualmoe.moe.eplb_home import home_swaps
 from dualmoe.moe.placement import Placement
 
 from tests.moe.test_eplb import check_invariants, zipf_load
