@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Pure planning modules (STYLE.md "Module boundaries"): they take and return plain data.
 PLAN_FILES = ["plugin/config.py", "plugin/simulator.py", "plugin/tracing.py", "moe/config.py", "moe/placement.py",
-              "moe/eplb.py", "moe/eplb_pack.py", "moe/eplb_search.py", "moe/eplb_migrate.py", "moe/rebalance_plan.py",
+              "moe/eplb.py", "moe/eplb_pack.py", "moe/eplb_search.py", "moe/eplb_migrate.py", "moe/eplb_sticky.py",
+              "moe/eplb_home.py", "moe/rebalance_plan.py",
               *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "plugin" / "schedule").glob("*.py"))]
 
 
