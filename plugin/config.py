@@ -92,12 +92,14 @@ class PipelineConfig(BaseModel):
     error naming the message. False negotiates shapes per message (sequence lengths may change between
     micro-batches). "auto" (default): static unless the PipelineModule was built with `dynamic_shape=True`,
     DeepSpeed's own switch for the same choice."""
-    recv_posting: Literal["ahead", "at_use"] = "at_use"
-    """When a receive's payload is posted: "at_use" (default), when the stage needs it, with every earlier
-    receive from that peer (message order holds); "ahead", at its RECV action, so the transfer may overlap
-    compute, but on NCCL the posted receive is a kernel spinning on SMs beside the stage's GEMMs until its
-    data comes (cuBLAS's persistent GEMMs then run up to 1.8x longer). 4x H100, P=4, m=8: at_use was
-    1.8 % faster for dualpipev, 1.2 % for dualpipe (docs/BENCHMARKS.md)."""
+    recv_posting: Literal["ahead", "at_use", "at_use_overlap"] = "at_use"
+    """When a receive's payload is posted. "at_use" (default): when the stage needs it, with every earlier
+    receive from that peer (message order holds), and on NCCL behind the compute already queued, so the
+    receive's kernel never spins on SMs beside the stage's GEMMs (cuBLAS's persistent GEMMs then run up to
+    1.8x longer); NCCL buffers the message, so the data has usually arrived by then. "at_use_overlap": posted
+    when the stage needs it but started at once, beside the queued compute (the default before 2026-11-28).
+    "ahead": at its RECV action, so the transfer may overlap compute, spinning until its data comes.
+    docs/BENCHMARKS.md has the measurements."""
     partition_method: str = "parameters"
     """How layers are cut into stages: 'parameters', 'uniform' or 'type:<regex>' (DeepSpeed's methods)."""
     trace: TraceConfig = Field(default_factory=TraceConfig)

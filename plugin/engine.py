@@ -126,7 +126,8 @@ class DualPipeEngine(StepMixin, CheckpointMixin, PipelineEngine):
         static = cfg.static_shapes if isinstance(cfg.static_shapes, bool) else \
             not getattr(self.module, "dynamic_shape", False)
         self._comm = PipeComm(groups, device=self.device, abort=self._abort, static_shapes=static,
-                              post_ahead=cfg.recv_posting == "ahead")
+                              post_ahead=cfg.recv_posting == "ahead",
+                              recv_behind_compute=cfg.recv_posting == "at_use")
         # Every p2p connection now, in one global order: NCCL's lazy set-up could otherwise deadlock.
         self._comm.warm_up(message_links(self._train_schedule().schedule))
         self._registered_overlap: OverlapFn | None = None

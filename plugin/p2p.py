@@ -22,17 +22,22 @@ step that carries it; both sides switch to payload-only messages for that key at
 (`static_shapes: false`) before anything is sent, so no receive is ever posted with a wrong shape.
 
 Posting and completion. A receive's payload is posted at its RECV action (`post_ahead`) or only when its
-payload is needed (the engine's default, `pipeline.recv_posting: "at_use"`: a posted NCCL receive spins on
-SMs beside the stage's GEMMs), then with every earlier unposted receive from that peer, in message order per
-peer (NCCL and gloo match messages between two ranks in posting order; the engine posts RECVs in the
-lowered schedule's order, and headers make a mismatch an error, not silent corruption). Payload ops queue
-until `flush`, which launches them with one `batch_isend_irecv` per group (the engine flushes after each
-action); on gloo they start at once and per-peer threads wait on them (gloo reports completion only through
-wait()). On CUDA,
-receives are issued from the comm's own stream, so NCCL does not make them wait for the compute already
-queued on the engine's stream (it would, since the NCCL stream waits for the issuing stream's tail); the
-consumer's stream then waits for the receive (`work.wait()`, no host sync) and `record_stream` keeps the
-buffer alive for it. Sends are issued from the compute stream, after the compute that produced them.
+payload is needed (the engine's default, `pipeline.recv_posting: "at_use"`), then with every earlier
+unposted receive from that peer, in message order per peer (NCCL and gloo match messages between two ranks
+in posting order; the engine posts RECVs in the lowered schedule's order, and headers make a mismatch an
+error, not silent corruption). Payload ops queue until `flush`, which launches them with one
+`batch_isend_irecv` per group (the engine flushes after each action); on gloo they start at once and
+per-peer threads wait on them (gloo reports completion only through wait()).
+
+On CUDA a posted NCCL receive is a kernel that spins on SMs until its data comes, and cuBLAS's persistent
+GEMMs beside it run up to 1.8x longer; a send does not spin, since NCCL buffers a message this size and
+the send ends before its receiver posts (16 MB, NCCL 2.28, H200). So by default (`recv_behind_compute`)
+receives are issued from the compute stream: the NCCL stream waits for the compute queued before the
+receive, and the kernel starts only when the GPU needs the data, which has usually arrived in NCCL's buffer
+by then. Otherwise (`post_ahead`, or "at_use_overlap") receives are issued from the comm's own stream, so
+they start at once, beside the queued compute; the consumer's stream then waits for the receive
+(`work.wait()`, no host sync) and `record_stream` keeps the buffer alive for it. Sends are issued from the
+compute stream, after the compute that produced them.
 
 Connections. NCCL creates a rank pair's p2p connection inside the `ncclGroupEnd` of their first batched
 p2p, which blocks until the peer takes part: two ranks that both start by *sending* to each other, in
@@ -228,6 +233,8 @@ class PipeComm:
         static_shapes: negotiate each message kind's shapes in its first step only (see the module doc).
         post_ahead: post payload receives at their RECV action (as soon as their shapes are known); False
             posts them when the payload is needed (`wait_recv`), with every earlier receive from that peer.
+        recv_behind_compute: (CUDA, with post_ahead False) issue receives from the compute stream, so they
+            start on the GPU after the compute queued before them instead of spinning beside it.
 
     Attributes:
         links_warmed: this rank's payload connections set up by `warm_up`.
@@ -236,9 +243,11 @@ class PipeComm:
     """
 
     def __init__(self, groups: Groups, *, device: torch.device, abort: AbortSignal,
-                 static_shapes: bool = False, post_ahead: bool = True) -> None:
+                 static_shapes: bool = False, post_ahead: bool = True, recv_behind_compute: bool = False) -> None:
         self.groups = groups
         self.post_ahead = post_ahead
+        if post_ahead and recv_behind_compute:
+            raise ValueError("recv_behind_compute needs post_ahead=False (receives posted at use)")
         self.device = torch.device(device)
         self.abort = abort
         self.static_shapes = static_shapes
@@ -247,7 +256,9 @@ class PipeComm:
         self.headers_sent = self.headers_received = 0
         # gloo reports a work done only after wait(): such works are waited by per-peer threads.
         self._gloo_payload = dist.get_backend(groups.payload[0]) == "gloo"
-        self._recv_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        # receives issued from their own stream (None: from the caller's, i.e. behind the queued compute)
+        self._recv_stream = torch.cuda.Stream(device=self.device) \
+            if self.device.type == "cuda" and not recv_behind_compute else None
         self._waiters: dict[tuple[int, str], _FifoWaiter] = {}
         weakref.finalize(self, _stop_waiters, self._waiters)  # no idle threads outlive a dropped engine
         self._queued: dict[tuple[int, bool], tuple[list[Any], list[_Recv | _Send]]] = {}  # (group, recv?)

@@ -45,6 +45,8 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, backen
         import torch.distributed as dist
 
         torch.set_num_threads(1)
+        if backend == "nccl":  # one GPU per rank, chosen before NCCL picks device 0 for every rank
+            torch.cuda.set_device(rank)
         store = dist.TCPStore("127.0.0.1", port, world_size + 1, is_master=False,
                               timeout=datetime.timedelta(seconds=timeout_s))
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
