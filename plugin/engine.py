@@ -13,9 +13,10 @@ Handlers, one per action type:
     W       runs the deferred weight grads of (stage, micro-batch)
     FB      forward of one micro-batch and backward of another through the overlap function (a pair that
             would run serially is executed as F, its SEND_F, then B: `program.split_serial_pairs`)
-    SEND_*  / RECV_*  non-blocking messages (`PipeComm`); receives are posted ahead, waited at use; with
+    SEND_*  / RECV_*  non-blocking messages (`PipeComm`); a RECV registers the receive, its payload is posted
+            when used (`pipeline.recv_posting`; on CUDA it starts behind the compute queued before it); with
             `pipeline.static_shapes` (default "auto": static unless the PipelineModule says dynamic_shape=True)
-            shapes travel in the first step only and later RECVs post their payload receives at once
+            shapes travel in the first step only
 
 Before the first step every p2p connection of the schedule is set up, pair by pair in one global order
 (`PipeComm.warm_up`): NCCL's lazy set-up inside a batched p2p blocks until the peer joins, which deadlocked
