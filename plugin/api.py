@@ -170,8 +170,7 @@ def _engine_id() -> str:
 
 def _build(cfg: PipelineConfig, config: dict[str, Any], model: PipelineModule, kwargs: dict[str, Any]) -> tuple:
     grid = model.mpu()
-    m = check_run(cfg, config, pipe_ranks=grid.pipe_parallel_size, dp_size=grid.data_parallel_size,
-                  activation_checkpoint_interval=model.activation_checkpoint_interval)
+    m = check_run(cfg, config, pipe_ranks=grid.pipe_parallel_size, dp_size=grid.data_parallel_size)
     schedule = generate(cfg.schedule, grid.pipe_parallel_size, m)
     layout = plan_layout(model._layer_specs, schedule, cfg.partition_method)
     groups = build_groups(grid, shared_pp_ranks=layout.shared_rank_sets(), timeout_s=cfg.timeout_s)

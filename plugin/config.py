@@ -214,8 +214,7 @@ def _zero_stage(ds_config: Mapping[str, Any]) -> int:
     return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else 0
 
 
-def check_run(cfg: PipelineConfig, ds_config: Mapping[str, Any], *, pipe_ranks: int, dp_size: int,
-              activation_checkpoint_interval: int = 0) -> int:
+def check_run(cfg: PipelineConfig, ds_config: Mapping[str, Any], *, pipe_ranks: int, dp_size: int) -> int:
     """Check the chosen schedule against the rest of the DeepSpeed JSON and the process layout.
 
     Args:
@@ -223,13 +222,12 @@ def check_run(cfg: PipelineConfig, ds_config: Mapping[str, Any], *, pipe_ranks: 
         ds_config: the DeepSpeed JSON as a dict.
         pipe_ranks: number of pipeline ranks P.
         dp_size: data-parallel world size.
-        activation_checkpoint_interval: the model's interval (not supported by these schedules yet).
 
     Returns:
         The number of micro-batches per step.
 
     Raises:
-        ConfigError: ZeRO-2/3, too few or odd micro-batches, odd P for DualPipe, activation checkpointing,
+        ConfigError: ZeRO-2/3, too few or odd micro-batches, odd P for DualPipe,
             or any other (P, m) the schedule generator rejects.
     """
     from .schedule import generate
@@ -240,10 +238,6 @@ def check_run(cfg: PipelineConfig, ds_config: Mapping[str, Any], *, pipe_ranks: 
     if stage >= 2:
         raise ConfigError(f"zero_optimization.stage={stage}: {where} needs ZeRO stage 0 or 1 (pipeline parallelism "
                           f"accumulates grads over micro-batches, which ZeRO-2/3 partition); set 0 or 1")
-    interval = ds_config.get(_SECTION, {}).get("activation_checkpoint_interval", 0) or activation_checkpoint_interval
-    if interval:
-        raise ConfigError(f"pipeline.activation_checkpoint_interval={interval}: {where} does not support "
-                          f"activation checkpointing yet; set 0")
     m = micro_batches_of(ds_config, dp_size=dp_size)
     if kind == "dualpipe" and pipe_ranks % 2:
         raise ConfigError(f"pipe ranks={pipe_ranks}: {where} needs an even number of pipeline ranks; "

@@ -29,6 +29,7 @@ import glob
 import logging
 import os
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +38,7 @@ from typing import Any
 import torch
 from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime import utils as ds_utils
+from deepspeed.runtime.activation_checkpointing import checkpointing as ds_checkpointing
 from deepspeed.runtime.pipe.module import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.state_dict_factory import SDLoaderFactory
 from torch import nn
@@ -189,12 +191,21 @@ def plan_layout(specs: Sequence[Any], schedule: Schedule, method: str) -> StageL
 class Stage(nn.Module):
     """One model part as a callable: runs its layers in order on a tensor or a tuple of tensors.
 
+    With activation checkpointing on (`activation_checkpoint_interval` > 0 on the owning `PipelineStages`,
+    from the PipelineModule or the DeepSpeed JSON, read at every call) the part runs in chunks of that
+    many layers, as DeepSpeed's `PipelineModule.forward` does within a stage: a chunk that
+    `checkpointable` accepts goes through the owner's `activation_checkpoint_func` (DeepSpeed's reentrant
+    `checkpoint`, or `non_reentrant_checkpoint` with `"pipeline": {"use_reentrant": false}`), so its
+    activations are recomputed in backward instead of kept.
+
     Args:
         part: the model part's index.
         layers: (global layer index, forward function) in order.
+        owner: where the checkpointing settings live (None: never checkpoint).
     """
 
-    def __init__(self, part: int, layers: Sequence[tuple[int, Callable[[Any], Any]]]) -> None:
+    def __init__(self, part: int, layers: Sequence[tuple[int, Callable[[Any], Any]]],
+                 owner: PipelineStages | None = None) -> None:
         super().__init__()
         self.part = part
         self.layer_indices = tuple(i for i, _ in layers)
@@ -202,13 +213,55 @@ class Stage(nn.Module):
         for index, fn in layers:
             if isinstance(fn, nn.Module):
                 self.add_module(str(index), fn)
+        # a weak reference: the owner holds this stage, and a module attribute would register it as a child
+        self._owner = weakref.ref(owner) if owner is not None else None
 
     def forward(self, *inputs: Any) -> Any:
         """Run the part's layers on `inputs`: one tensor goes in as is, several as one tuple (DeepSpeed's way)."""
         x = inputs[0] if len(inputs) == 1 else inputs
-        for fn in self._funcs:
+        owner = self._owner() if self._owner is not None else None
+        interval = getattr(owner, "activation_checkpoint_interval", 0) or 0
+        if interval <= 0:
+            for fn in self._funcs:
+                x = fn(x)
+            return x
+        for start in range(0, len(self._funcs), interval):
+            chunk = self._funcs[start:start + interval]
+            args = x if isinstance(x, tuple) else (x,)
+            if owner.checkpointable(chunk):
+                checkpoint, args = _checkpoint_call(owner.activation_checkpoint_func, args)
+                x = checkpoint(_run_layers(chunk), *args)
+            else:
+                x = _run_layers(chunk)(*args)
+        return x
+
+
+def _run_layers(funcs: Sequence[Callable[[Any], Any]]) -> Callable[..., Any]:
+    def run(*inputs: Any) -> Any:
+        x = inputs[0] if len(inputs) == 1 else inputs
+        for fn in funcs:
             x = fn(x)
         return x
+
+    return run
+
+
+def _checkpoint_call(func: Callable[..., Any], args: tuple[Any, ...]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    """The checkpoint function and inputs for one chunk.
+
+    A reentrant checkpoint whose inputs need no grad returns an output without a graph, and the chunk's
+    weights would get no gradient. So when no input requires grad (data fed to a first stage), floating
+    inputs are marked as needing it, as DeepSpeed's engine marks a first stage's loaded inputs; a chunk
+    with no floating input at all (token ids into an embedding, which DeepSpeed's default rule would
+    checkpoint and lose the grads of) goes through DeepSpeed's non-reentrant checkpoint instead.
+    """
+    non_reentrant = ds_checkpointing.non_reentrant_checkpoint
+    if func is non_reentrant or any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return func, args
+    if not any(isinstance(a, torch.Tensor) and a.is_floating_point() for a in args):
+        return non_reentrant, args
+    return func, tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                       else a for a in args)
 
 
 class PipelineStages(PipelineModule):
@@ -284,7 +337,8 @@ class PipelineStages(PipelineModule):
             for index in range(layout.bounds[part], layout.bounds[part + 1]):
                 built[index] = self._build_layer(index)
                 self.forward_funcs.append(built[index])
-        parts = {part: Stage(part, [(i, built[i]) for i in range(layout.bounds[part], layout.bounds[part + 1])])
+        parts = {part: Stage(part, [(i, built[i]) for i in range(layout.bounds[part], layout.bounds[part + 1])],
+                             owner=self)
                  for part in layout.parts_of(self.pp_rank)}
         for stage in layout.stages_of(self.pp_rank):
             self.stages[stage] = parts[layout.stage_to_part[stage]]
@@ -316,6 +370,18 @@ class PipelineStages(PipelineModule):
                 torch.distributed.broadcast(p.data, src=src, group=group)
             shared.append((group, unique))
         return tuple(shared)
+
+    def checkpointable(self, funcs: Sequence[Callable[[Any], Any]]) -> bool:
+        """Whether a chunk of layers is checkpointed: DeepSpeed's rule for non-GPT pipeline modules.
+
+        Every layer's class in `checkpointable_layers` when that list is given, else any layer with parameters.
+        """
+        if self.checkpointable_layers is not None:
+            return all(type(f).__name__ in self.checkpointable_layers for f in funcs)
+        return any(isinstance(f, nn.Module) and next(f.parameters(), None) is not None for f in funcs)
+
+    def _precompute_checkpointable_values(self) -> None:
+        """DeepSpeed's engine calls this for its own chunking; each `Stage` chunks its own layers instead."""
 
     def forward(self, forward_input: Any) -> Any:
         """Not used: the engine runs `self.stages[stage](x)` for each scheduled action."""

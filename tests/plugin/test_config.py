@@ -82,8 +82,6 @@ def test_config_micro_batches_follow_deepspeed_arithmetic() -> None:
     ("1f1b", {"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 2}}, 2,
      r"zero_optimization\.stage=2: .*needs ZeRO stage 0 or 1"),
     ("zbv", {"gradient_accumulation_steps": 8, "zero_optimization": {"stage": 3}}, 2, r"zero_optimization\.stage=3"),
-    ("zbv", {"gradient_accumulation_steps": 8, "pipeline": {"activation_checkpoint_interval": 1}}, 2,
-     r"pipeline\.activation_checkpoint_interval=1: .*does not support activation checkpointing"),
 ])
 def test_config_check_run_rejects_impossible_layouts(schedule: str, ds: dict, pipe: int, pattern: str) -> None:
     with pytest.raises(ConfigError, match=pattern):
