@@ -80,6 +80,12 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=dtype, device=device), None
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward now is activation checkpointing's recompute."""
+    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return graph_task_id is not None and graph_task_id() != -1
+
+
 class MoELayer(nn.Module):
     """DeepSeek-V3 MoE layer with expert parallelism over redundant physical slots.
 
@@ -343,7 +349,7 @@ class MoELayer(nn.Module):
         num_seq = math.prod(shape[:-2]) if len(shape) >= 3 else 1
         with record_function("dualmoe/moe/router"):
             routed = self.gate(x_TD, num_sequences=num_seq)
-            if self.training:
+            if self.training and not _in_backward():  # a checkpoint's recompute routes the same tokens again
                 self.tokens_per_expert.add_(torch.bincount(routed.topk_ids.reshape(-1), minlength=self.num_experts))
             position_TK = choose_replica_slots(routed.topk_ids, self.logical_to_position, self.replica_count,
                                                rotation=self.ep_rank)

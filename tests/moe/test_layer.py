@@ -107,6 +107,21 @@ def test_layer_set_placement_keeps_function_and_rejects_bad_shapes() -> None:
         ours.set_placement(Placement.identity(8, 11))
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_layer_counts_load_once_under_activation_checkpointing(use_reentrant: bool) -> None:
+    torch.manual_seed(3)
+    layer = MoELayer(moe_config(), hidden_size=HIDDEN, ffn_hidden_size=FFN, dtype=torch.float64)
+    x = torch.randn(2, 6, HIDDEN, dtype=torch.float64, requires_grad=True)
+    layer(x).square().sum().backward()
+    plain_load, plain_grad = layer.take_local_load(), x.grad.clone()
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=use_reentrant).square().sum().backward()
+    assert plain_load.sum() == x.shape[0] * x.shape[1] * layer.config.top_k
+    assert torch.equal(layer.take_local_load(), plain_load)  # the recompute in backward is not counted again
+    assert torch.equal(x.grad, plain_grad)
+
+
 def test_layer_rejects_group_of_wrong_size() -> None:
     layer = MoELayer(moe_config(), hidden_size=HIDDEN, ffn_hidden_size=FFN)
     with pytest.raises(ConfigError, match=r"moe.ep_size=1 but the expert-parallel group"):
