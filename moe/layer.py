@@ -80,10 +80,12 @@ class _AttachAuxLoss(torch.autograd.Function):
         return grad, torch.full(ctx.aux_shape, ctx.scale, dtype=dtype, device=device), None
 
 
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass: a forward now is activation checkpointing's recompute."""
-    graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return graph_task_id is not None and graph_task_id() != -1
+    return _graph_task_id is not None and _graph_task_id() != -1
 
 
 class MoELayer(nn.Module):
