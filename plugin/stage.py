@@ -193,8 +193,8 @@ class Stage(nn.Module):
 
     With activation checkpointing on (`activation_checkpoint_interval` > 0 on the owning `PipelineStages`,
     from the PipelineModule or the DeepSpeed JSON, read at every call) the part runs in chunks of that
-    many layers, as DeepSpeed's `PipelineModule.forward` does within a stage: a chunk that
-    `checkpointable` accepts goes through the owner's `activation_checkpoint_func` (DeepSpeed's reentrant
+    many layers, as DeepSpeed's `PipelineModule.forward` does within a stage: a chunk that DeepSpeed's
+    `_is_checkpointable` accepts goes through the owner's `activation_checkpoint_func` (DeepSpeed's reentrant
     `checkpoint`, or `non_reentrant_checkpoint` with `"pipeline": {"use_reentrant": false}`), so its
     activations are recomputed in backward instead of kept.
 
@@ -218,17 +218,15 @@ class Stage(nn.Module):
 
     def forward(self, *inputs: Any) -> Any:
         """Run the part's layers on `inputs`: one tensor goes in as is, several as one tuple (DeepSpeed's way)."""
-        x = inputs[0] if len(inputs) == 1 else inputs
         owner = self._owner() if self._owner is not None else None
         interval = getattr(owner, "activation_checkpoint_interval", 0) or 0
         if interval <= 0:
-            for fn in self._funcs:
-                x = fn(x)
-            return x
+            return _run_layers(self._funcs)(*inputs)
+        x = inputs[0] if len(inputs) == 1 else inputs
         for start in range(0, len(self._funcs), interval):
             chunk = self._funcs[start:start + interval]
             args = x if isinstance(x, tuple) else (x,)
-            if owner.checkpointable(chunk):
+            if owner._is_checkpointable(chunk):  # DeepSpeed's rule: checkpointable_layers, else layers with params
                 checkpoint, args = _checkpoint_call(owner.activation_checkpoint_func, args)
                 x = checkpoint(_run_layers(chunk), *args)
             else:
@@ -237,6 +235,7 @@ class Stage(nn.Module):
 
 
 def _run_layers(funcs: Sequence[Callable[[Any], Any]]) -> Callable[..., Any]:
+    """A function running `funcs` in order: one tensor goes in as is, several as one tuple."""
     def run(*inputs: Any) -> Any:
         x = inputs[0] if len(inputs) == 1 else inputs
         for fn in funcs:
@@ -370,15 +369,6 @@ class PipelineStages(PipelineModule):
                 torch.distributed.broadcast(p.data, src=src, group=group)
             shared.append((group, unique))
         return tuple(shared)
-
-    def checkpointable(self, funcs: Sequence[Callable[[Any], Any]]) -> bool:
-        """Whether a chunk of layers is checkpointed: DeepSpeed's rule for non-GPT pipeline modules.
-
-        Every layer's class in `checkpointable_layers` when that list is given, else any layer with parameters.
-        """
-        if self.checkpointable_layers is not None:
-            return all(type(f).__name__ in self.checkpointable_layers for f in funcs)
-        return any(isinstance(f, nn.Module) and next(f.parameters(), None) is not None for f in funcs)
 
     def _precompute_checkpointable_values(self) -> None:
         """DeepSpeed's engine calls this for its own chunking; each `Stage` chunks its own layers instead."""
