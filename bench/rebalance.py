@@ -1,6 +1,7 @@
 """Training step time of MoE layers at EP = world size under Zipf-skewed routing, with and without EPLB.
 
     torchrun --nproc_per_node 4 bench/rebalance.py --json                     # GPUs, EP=4, bf16 (issue 5)
+    torchrun --nproc_per_node 4 bench/rebalance.py --shape mixtral --remote-cost auto --json
     torchrun --standalone --nproc_per_node 2 bench/rebalance.py --tiny --json  # CPU smoke run (gloo, fp32)
 
 The layers are the real `MoELayer` (router GEMM, dispatch all-to-all, grouped SwiGLU experts on slots,
@@ -69,13 +70,25 @@ class Shape:
     tokens: int
 
 
+# DeepSeek-V2-Lite's MoE layer (64 experts of 2048 x 1408, one shared expert; top-8 here): 16 experts per rank
+# at EP=4, so the skew of single experts mostly averages out per rank.
 FULL = Shape(layers=2, hidden=2048, ffn=1408, experts=64, redundant_per_rank=4, top_k=8, shared=1, tokens=8192)
+# Mixtral-8x7B's MoE layer (8 experts of 4096 x 14336, top-2, no shared expert): 2 experts per rank at EP=4,
+# as few per GPU as large-EP training has (DeepSeek-V3: 256 experts on EP=64, 4 per GPU).
+MIXTRAL = Shape(layers=2, hidden=4096, ffn=14336, experts=8, redundant_per_rank=1, top_k=2, shared=0, tokens=8192)
 TINY = Shape(layers=2, hidden=16, ffn=16, experts=8, redundant_per_rank=2, top_k=2, shared=1, tokens=128)
+SHAPES = {"v2-lite": FULL, "mixtral": MIXTRAL, "tiny": TINY}
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="CPU-sized shape in fp32 (smoke test)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="v2-lite",
+                   help="layer shape preset (default v2-lite; the flags below override its fields)")
+    p.add_argument("--tiny", action="store_true", help="CPU-sized shape in fp32 (smoke test; same as --shape tiny)")
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="forward+backward passes of --tokens each per optimizer step (gradient accumulation)")
+    p.add_argument("--remote-cost", default=None,
+                   help='eplb.remote_cost: a number or "auto" (default: the config default)')
     p.add_argument("--zipf", type=float, default=0.6, help="Zipf exponent of expert popularity (default 0.6)")
     p.add_argument("--tokens", type=int, help="tokens per rank (default: shape's)")
     p.add_argument("--redundant-per-rank", type=int, help="redundant slots per EP rank (default: shape's)")
@@ -237,11 +250,13 @@ def _instrument(layer: MoELayer, timeline: _Timeline) -> None:
 # ---- model and steps ----------------------------------------------------------------------------------
 def _build(shape: Shape, world: int, rank: int, device: torch.device, dtype: torch.dtype,
            args: argparse.Namespace) -> tuple[nn.Module, LoadStats, Rebalancer, _Timeline]:
+    remote = {} if args.remote_cost is None else {
+        "remote_cost": args.remote_cost if args.remote_cost == "auto" else float(args.remote_cost)}
     cfg = MoEConfig(num_experts=shape.experts, top_k=shape.top_k, ep_size=world,
                     num_redundant_experts=shape.redundant_per_rank * world, num_shared_experts=shape.shared,
                     router=RouterConfig(bias_update_rate=0.0, routed_scaling_factor=2.5),
                     eplb=EplbConfig(enabled=True, interval=max(args.interval, 1), window=args.steps,
-                                    max_moves=args.max_moves))
+                                    max_moves=args.max_moves, **remote))
     timeline = _Timeline(device)
     layers = []
     for i in range(shape.layers):
@@ -256,14 +271,16 @@ def _build(shape: Shape, world: int, rank: int, device: torch.device, dtype: tor
     return model, stats, rebalancer, timeline
 
 
-def _step(model: nn.Module, stats: LoadStats, opt: torch.optim.Optimizer, x: Tensor, tl: _Timeline) -> None:
-    start = tl.mark()
-    y = model(x)
-    tl.span("forward", start)
-    start = tl.mark()
-    y.float().pow(2).mean().backward()
-    tl.span("backward", start)
-    x.grad = None
+def _step(model: nn.Module, stats: LoadStats, opt: torch.optim.Optimizer, x: Tensor, tl: _Timeline,
+          micro_batches: int = 1) -> None:
+    for _ in range(micro_batches):
+        start = tl.mark()
+        y = model(x)
+        tl.span("forward", start)
+        start = tl.mark()
+        y.float().pow(2).mean().backward()
+        tl.span("backward", start)
+        x.grad = None
     start = tl.mark()
     reduce_slot_grads(model)
     tl.span("boundary_reduce_slot_grads", start)
@@ -283,9 +300,10 @@ def _sync(device: torch.device) -> None:
 
 
 def _phase(model: nn.Module, stats: LoadStats, rebalancer: Rebalancer, opt: torch.optim.Optimizer, x: Tensor,
-           device: torch.device, tl: _Timeline, *, warmup: int, steps: int, interval: int) -> dict[str, Any]:
+           device: torch.device, tl: _Timeline, *, warmup: int, steps: int, interval: int,
+           micro_batches: int = 1) -> dict[str, Any]:
     for _ in range(warmup):
-        _step(model, stats, opt, x, tl)
+        _step(model, stats, opt, x, tl, micro_batches)
     _sync(device)
     tl.collect()
     tl.rows.clear()
@@ -293,7 +311,7 @@ def _phase(model: nn.Module, stats: LoadStats, rebalancer: Rebalancer, opt: torc
     for step in range(1, steps + 1):
         _sync(device)
         start = time.perf_counter()
-        _step(model, stats, opt, x, tl)
+        _step(model, stats, opt, x, tl, micro_batches)
         report = rebalancer.step(step) if interval else None
         if report is not None:
             stalls.append(report.stall_s)
@@ -346,9 +364,10 @@ def _report_dict(report: RebalanceReport) -> dict[str, Any]:
 
 def _print_table(result: dict[str, Any]) -> None:
     off, on, r = result["without"], result["with"], result["rebalance"]
-    print(f"EP={result['ep']} {result['device']} {result['dtype']}: {result['layers']} layers, {result['experts']} "
-          f"experts, {result['slots']} slots, top-{result['top_k']}, {result['tokens']} tokens/rank, "
-          f"Zipf {result['zipf']}")
+    print(f"EP={result['ep']} {result['device']} {result['dtype']}, shape {result['shape']}: {result['layers']} "
+          f"layers, {result['experts']} experts, {result['slots']} slots, top-{result['top_k']}, "
+          f"{result['micro_batches']} x {result['tokens']} tokens/rank per step, Zipf {result['zipf']}, "
+          f"remote_cost {result['remote_cost']}")
     for name, phase in (("without", off), ("with", on)):
         print(f"  {name:8s} rebalancing {phase['step_ms_median']:8.2f} ms/step, balancedness "
               f"{phase['balancedness_window']:.3f}, rows/rank max/mean {phase['rows_max_over_mean']:.3f}")
@@ -363,7 +382,11 @@ def _print_table(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _args(argv)
     rank, world, device = _setup()
-    base = TINY if args.tiny else FULL
+    if args.micro_batches < 1:
+        raise SystemExit(f"--micro-batches={args.micro_batches}: must be >= 1")
+    args.tiny = args.tiny or args.shape == "tiny"
+    args.shape = "tiny" if args.tiny else args.shape
+    base = TINY if args.tiny else SHAPES[args.shape]
     overrides = {"tokens": args.tokens, "redundant_per_rank": args.redundant_per_rank, "shared": args.shared,
                  "layers": args.layers, "hidden": args.hidden, "ffn": args.ffn, "experts": args.experts,
                  "top_k": args.top_k}
@@ -377,7 +400,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x = torch.randn(shape.tokens, shape.hidden, dtype=dtype, device=device).requires_grad_(True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    off = _phase(model, stats, rebalancer, opt, x, device, tl, warmup=args.warmup, steps=args.steps, interval=0)
+    off = _phase(model, stats, rebalancer, opt, x, device, tl, warmup=args.warmup, steps=args.steps, interval=0,
+                 micro_batches=args.micro_batches)
     _sync(device)
     start = time.perf_counter()
     load = rebalancer.planning_load()
@@ -386,16 +410,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _sync(device)
     rebalance_wall_ms = 1e3 * (time.perf_counter() - start)
     on = _phase(model, stats, rebalancer, opt, x, device, tl, warmup=args.warmup, steps=args.steps,
-                interval=args.interval)
+                interval=args.interval, micro_batches=args.micro_batches)
     off, on = _across_ranks(off, world, device), _across_ranks(on, world, device)
     expert_load = stats.window_load().sum(0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     result = {"bench": "rebalance", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "world": world, "ep": world, "dtype": str(dtype).replace("torch.", ""), **asdict(shape),
+              "world": world, "ep": world, "dtype": str(dtype).replace("torch.", ""), "shape": args.shape,
+              **asdict(shape), "micro_batches": args.micro_batches,
               "slots": shape.experts + shape.redundant_per_rank * world, "zipf": args.zipf,
               "expert_load_max_over_mean": float(expert_load.max() / expert_load.mean()),
               "warmup": args.warmup, "steps": args.steps, "interval": args.interval, "max_moves": args.max_moves,
               "without": off, "with": on, "rebalance": _report_dict(report), "rebalance_wall_ms": rebalance_wall_ms,
+              "remote_cost": rebalancer.last_remote_cost,
               "speedup": off["step_ms_median"] / on["step_ms_median"], "peak_mem_gib": peak,
               "grouped_mm_fallbacks": fallback_counts()}
     if rank == 0:

@@ -96,9 +96,15 @@ class EplbConfig(BaseModel):
     """Nodes the EP group spans (for the hierarchical policy)."""
     copy_cost: float = 1e-4
     """Balancedness one layer must gain to be worth copying all its slots once (migration price)."""
-    remote_cost: float = 0.05
+    remote_cost: float | str = 0.05
     """Balancedness price of holding every slot of a layer off its expert's home rank (each such slot costs a
-    weight refresh and a gradient send every step); 0 plans without regard to homes."""
+    weight refresh and a gradient send every step); 0 plans without regard to homes. "auto" derives it at
+    each rebalance from the statistics' routed rows per EP rank and step: S * remote_slot_rows / rows."""
+    remote_slot_rows: float = 1700.0
+    """With remote_cost "auto": routed rows whose expert compute (forward and backward) takes as long as one
+    remote slot's per-step weight refresh plus gradient send. Both scale with hidden x ffn, so it is a
+    property of the machine (compute vs all-to-all speed), not of the model: about 1700 on 4x H100 in bf16
+    (docs/BENCHMARKS.md)."""
 
     @model_validator(mode="after")
     def _check_values(self) -> EplbConfig:
@@ -111,10 +117,15 @@ class EplbConfig(BaseModel):
                              "plan from the window")
         if self.max_moves is not None and self.max_moves < 0:
             raise ValueError(f"max_moves={self.max_moves}: must be >= 0, or null for no limit")
+        if isinstance(self.remote_cost, str) and self.remote_cost != "auto":
+            raise ValueError(f'remote_cost={self.remote_cost!r}: must be a number >= 0 or "auto"')
         for key in ("min_gain", "copy_cost", "remote_cost"):
             value = getattr(self, key)
-            if not value >= 0:
-                raise ValueError(f"{key}={value}: must be >= 0")
+            if value != "auto" and not value >= 0:
+                raise ValueError(f"{key}={value}: must be >= 0" + (' or "auto"' if key == "remote_cost" else ""))
+        if not self.remote_slot_rows > 0:
+            raise ValueError(f"remote_slot_rows={self.remote_slot_rows}: must be > 0 (routed rows that cost as "
+                             "much as one remote slot per step, about 1700 on H100)")
         return self
 
 

@@ -128,7 +128,8 @@ class Rebalancer:
         copy_cost: the planner's migration price (`plan_placement`); default `config.copy_cost`.
         remote_cost: the planner's balancedness price of holding every slot of a layer off its expert's home
             rank (`plan_placement`'s `remote_cost`; homes are the block layout e // (E/P)); 0 ignores homes;
-            default `config.remote_cost`.
+            "auto" derives it from the planning load at each plan (`remote_price`); default
+            `config.remote_cost`.
         name: distinguishes rebalancers that share a store (e.g. one per pipeline stage).
         fault_hook: test seam, see `FaultHook`.
     """
@@ -137,7 +138,7 @@ class Rebalancer:
                  num_groups: int | None = None, group: dist.ProcessGroup | None = None,
                  chunk_bytes: int = 256 << 20, timeout_s: float = 300.0, agree_timeout_s: float | None = None,
                  debug: bool = False, monitor: Any = None,
-                 copy_cost: float | None = None, remote_cost: float | None = None, name: str = "moe",
+                 copy_cost: float | None = None, remote_cost: float | str | None = None, name: str = "moe",
                  fault_hook: FaultHook | None = None) -> None:
         if not layers:
             raise ConfigError("Rebalancer needs at least one MoE layer")
@@ -165,10 +166,13 @@ class Rebalancer:
         self.monitor, self.fault_hook = monitor, fault_hook
         self.copy_cost = self.config.copy_cost if copy_cost is None else copy_cost
         self.remote_cost = self.config.remote_cost if remote_cost is None else remote_cost
+        if self.remote_cost != "auto" and not (isinstance(self.remote_cost, (int, float)) and self.remote_cost >= 0):
+            raise ConfigError(f"remote_cost={self.remote_cost!r}: must be a number >= 0 or \"auto\"")
         self._device = first.experts.gate_up_proj.device
         self.num_applied = self.num_failed = self.num_skipped = 0
         self.stall_s = 0.0
         self.last_report: RebalanceReport | None = None
+        self.last_remote_cost: float | None = None  # the remote_cost of the last plan ("auto" resolved)
         self._round = 0
         self._agreement = make_agreement(self.group, name=name, device=self._device)
 
@@ -183,9 +187,29 @@ class Rebalancer:
             raise ConfigError("this Rebalancer has no LoadStats; pass stats= or plan from an explicit load")
         return (self.stats.ema_LE if self.config.ema is not None else self.stats.window_load()).cpu()
 
+    def remote_price(self, load_LE: Tensor) -> float:
+        """The `remote_cost` the planner uses for `load_LE` (a window sum or EMA from this Rebalancer's stats).
+
+        A number is used as it is. "auto" prices a remote slot like the expert compute of
+        `eplb.remote_slot_rows` routed rows. The slowest rank computes rows / b rows per step (rows: the
+        mean per EP rank and step, b: balancedness), so near b = 1 a gain db saves about rows * db rows,
+        and one remote slot is worth db = remote_slot_rows / rows; the objective charges remote_cost / S
+        per remote slot, hence remote_cost = S * remote_slot_rows / rows. More tokens per step (bigger
+        batches, gradient accumulation) make remote replicas cheaper; a step of few tokens keeps experts
+        at home.
+        """
+        if self.remote_cost != "auto":
+            return float(self.remote_cost)
+        steps = 1
+        if self.config.ema is None and self.stats is not None:
+            steps = max(1, min(self.stats.num_steps, self.stats.window))
+        rows = float(load_LE.sum()) / (max(1, load_LE.shape[0]) * steps * self.ep_size)
+        return self.num_slots * self.config.remote_slot_rows / rows if rows > 0 else 0.0
+
     def plan(self, load_LE: Tensor | None = None) -> Plan:
         """`plan_placement` against the deployed maps with the configured policy, budget and skip rule."""
         load = self.planning_load() if load_LE is None else load_LE
+        self.last_remote_cost = self.remote_price(load)
         groups, nodes = self.num_groups, self.config.num_nodes
         if self.config.policy == "global" or (self.config.policy == "auto" and groups % nodes):
             groups = nodes = 1
@@ -197,7 +221,8 @@ class Rebalancer:
             return plan_placement(load, self.current_maps(), num_slots=self.num_slots, num_nodes=nodes,
                                   num_ranks=self.ep_size, num_groups=groups, max_moves=self.config.max_moves,
                                   min_gain=self.config.min_gain, copy_cost=self.copy_cost,
-                                  home_of=home_ranks(self.num_experts, self.ep_size), remote_cost=self.remote_cost)
+                                  home_of=home_ranks(self.num_experts, self.ep_size),
+                                  remote_cost=self.last_remote_cost)
         finally:
             torch.set_num_threads(threads)
 

@@ -139,6 +139,30 @@ def test_rebalancer_step_follows_interval_and_skips_a_plan_without_copies() -> N
     assert off.step(5) is None
 
 
+def test_auto_remote_cost_prices_a_remote_slot_by_rows_per_rank_and_step() -> None:
+    layer = _skewed_layer(moe_config(r=4, rate=0.0))
+    num_slots = layer.placement.num_slots
+    stats = LoadStats([layer], window=4)
+    fixed = Rebalancer([layer], stats=stats, config=EplbConfig(remote_cost=0.3))
+    auto = Rebalancer([layer], stats=stats, config=EplbConfig(remote_cost="auto", remote_slot_rows=100.0))
+    for _ in range(6):  # the window holds the last 4 steps
+        layer(torch.randn(32, HIDDEN))
+        stats.step()
+    load = auto.planning_load()
+    rows = float(load.sum()) / 4  # one EP rank: rows per step
+    assert rows == 32 * layer.config.top_k
+    assert fixed.remote_price(load) == 0.3
+    assert auto.remote_price(load) == pytest.approx(num_slots * 100.0 / rows)
+    assert auto.remote_price(2 * load) == pytest.approx(num_slots * 100.0 / rows / 2)  # more rows: cheaper
+    assert auto.remote_price(torch.zeros_like(load)) == 0.0
+    auto.plan()
+    assert auto.last_remote_cost == pytest.approx(num_slots * 100.0 / rows)
+    ema = Rebalancer([layer], stats=stats, config=EplbConfig(remote_cost="auto", ema=0.5, remote_slot_rows=100.0))
+    assert ema.remote_price(stats.ema_LE.cpu()) == pytest.approx(num_slots * 100.0 / rows)  # the EMA is per step
+    with pytest.raises(ConfigError, match="remote_cost='cheap': must be a number >= 0 or \"auto\""):
+        Rebalancer([layer], stats=stats, remote_cost="cheap")
+
+
 def test_rebalancer_rejects_layers_of_different_shapes() -> None:
     a = MoELayer(moe_config(r=0), hidden_size=HIDDEN, ffn_hidden_size=FFN)
     b = MoELayer(moe_config(r=4), hidden_size=HIDDEN, ffn_hidden_size=FFN)
