@@ -15,8 +15,12 @@ scores of the picked experts, so the router weight gets its real gradient.
 Phases on the same model and GPUs: (1) `--warmup` then `--steps` timed steps on the initial identity
 placement; the statistics window fills meanwhile; (2) one rebalance planned from that window (its stall
 is timed: plan, transfers, agreement, commit); (3) `--warmup` then `--steps` timed steps on the new
-placement (with `--interval K` also rebalancing every K steps, stalls included). A step is timed from
-a barrier to a barrier (device synchronised), so it is the slowest rank's step.
+placement (with `--interval K` also rebalancing every K steps, stalls included). `--timing back-to-back`
+(default) runs the timed steps as training does, one after the other, and reports their mean (a barrier and
+a device synchronisation before the first and after the last): the asynchronous replica refresh of one step
+overlaps the next forward. `--timing barrier` times every step from a barrier to a barrier (device
+synchronised) and reports the median: nothing of a step overlaps the next (the tables before 2026-11-28
+afternoon). Either way it is the slowest rank's pace.
 
 Per-phase breakdown (`phases` in the JSON, median ms per step on each rank, then mean and max over
 ranks), measured with CUDA events on the compute stream (wall clock on CPU), summed over the layers:
@@ -103,6 +107,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=0, help="also rebalance every K steps in phase 3 (0: once)")
     p.add_argument("--chunk-mb", type=float, default=256.0, help="migration bytes per rank per round, MiB")
     p.add_argument("--max-moves", type=int, help="eplb.max_moves: slot copies per rebalance (default: no limit)")
+    p.add_argument("--no-overlap-refresh", action="store_true",
+                   help="moe.overlap_refresh false: refresh replicas blocking, on the EP group")
+    p.add_argument("--timing", choices=("back-to-back", "barrier"), default="back-to-back",
+                   help="mean of consecutive steps (default) or median of barrier-separated steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p.parse_args(argv)
@@ -172,11 +180,22 @@ class _Timeline:
 
     def collect(self) -> dict[str, float]:
         """ms per phase of the finished step (call after the device synchronised); resets."""
-        out: dict[str, float] = defaultdict(float)
-        for name, start, end in self.spans:
-            out[name] += start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
-        self.spans, self.open = [], {}
-        return dict(out)
+        return self.collect_steps([self.cut()])[0]
+
+    def cut(self) -> list[tuple[str, Any, Any]]:
+        """Take the spans recorded so far (one step's) without reading them (events may still be pending)."""
+        spans, self.spans, self.open = self.spans, [], {}
+        return spans
+
+    def collect_steps(self, steps: list[list[tuple[str, Any, Any]]]) -> list[dict[str, float]]:
+        """ms per phase of every step cut with `cut` (call after the device synchronised)."""
+        out = []
+        for spans in steps:
+            phases: dict[str, float] = defaultdict(float)
+            for name, start, end in spans:
+                phases[name] += start.elapsed_time(end) if self.cuda else 1e3 * (end - start)
+            out.append(dict(phases))
+        return out
 
 
 def _timed(timeline: _Timeline, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -253,6 +272,7 @@ def _build(shape: Shape, world: int, rank: int, device: torch.device, dtype: tor
     remote = {} if args.remote_cost is None else {
         "remote_cost": args.remote_cost if args.remote_cost == "auto" else float(args.remote_cost)}
     cfg = MoEConfig(num_experts=shape.experts, top_k=shape.top_k, ep_size=world,
+                    overlap_refresh=not args.no_overlap_refresh,
                     num_redundant_experts=shape.redundant_per_rank * world, num_shared_experts=shape.shared,
                     router=RouterConfig(bias_update_rate=0.0, routed_scaling_factor=2.5),
                     eplb=EplbConfig(enabled=True, interval=max(args.interval, 1), window=args.steps,
@@ -301,27 +321,37 @@ def _sync(device: torch.device) -> None:
 
 def _phase(model: nn.Module, stats: LoadStats, rebalancer: Rebalancer, opt: torch.optim.Optimizer, x: Tensor,
            device: torch.device, tl: _Timeline, *, warmup: int, steps: int, interval: int,
-           micro_batches: int = 1) -> dict[str, Any]:
+           micro_batches: int = 1, timing: str = "back-to-back") -> dict[str, Any]:
     for _ in range(warmup):
         _step(model, stats, opt, x, tl, micro_batches)
     _sync(device)
     tl.collect()
     tl.rows.clear()
-    times, stalls, per_step = [], [], []
+    times, stalls, cuts = [], [], []
+    _sync(device)
+    loop_start = time.perf_counter()
     for step in range(1, steps + 1):
-        _sync(device)
+        if timing == "barrier":
+            _sync(device)
         start = time.perf_counter()
         _step(model, stats, opt, x, tl, micro_batches)
         report = rebalancer.step(step) if interval else None
         if report is not None:
             stalls.append(report.stall_s)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-        per_step.append(tl.collect())
+        if timing == "barrier":
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        cuts.append(tl.cut())
+    _sync(device)
+    if timing != "barrier":
+        times = [(time.perf_counter() - loop_start) / steps]
+    per_step = tl.collect_steps(cuts)
     phases = {name: statistics.median(s.get(name, 0.0) for s in per_step) for name in per_step[0]}
     rows = statistics.fmean(tl.rows) if tl.rows else 0.0
     tl.rows.clear()
-    return {"step_ms_median": 1e3 * statistics.median(times), "step_ms_mean": 1e3 * statistics.fmean(times),
+    headline = statistics.median(times) if timing == "barrier" else times[0]
+    return {"step_ms": 1e3 * headline, "step_ms_median": 1e3 * statistics.median(times),
+            "step_ms_mean": 1e3 * statistics.fmean(times),
             "rebalance_stall_ms": [1e3 * s for s in stalls],
             "balancedness_window": stats.balancedness(stats.window_load().to(stats.last_LE.device)),
             "_phases": phases, "_rows": rows,
@@ -369,7 +399,7 @@ def _print_table(result: dict[str, Any]) -> None:
           f"{result['micro_batches']} x {result['tokens']} tokens/rank per step, Zipf {result['zipf']}, "
           f"remote_cost {result['remote_cost']}")
     for name, phase in (("without", off), ("with", on)):
-        print(f"  {name:8s} rebalancing {phase['step_ms_median']:8.2f} ms/step, balancedness "
+        print(f"  {name:8s} rebalancing {phase['step_ms']:8.2f} ms/step, balancedness "
               f"{phase['balancedness_window']:.3f}, rows/rank max/mean {phase['rows_max_over_mean']:.3f}")
     print(f"  speed-up {result['speedup']:.3f}x; rebalance: {r['status']}, {r['num_copies']} copies in "
           f"{r['num_rounds']} rounds, stall {r['stall_s_ms']:.1f} ms (plan {r['plan_s_ms']:.1f})")
@@ -401,7 +431,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     off = _phase(model, stats, rebalancer, opt, x, device, tl, warmup=args.warmup, steps=args.steps, interval=0,
-                 micro_batches=args.micro_batches)
+                 micro_batches=args.micro_batches, timing=args.timing)
     _sync(device)
     start = time.perf_counter()
     load = rebalancer.planning_load()
@@ -410,19 +440,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _sync(device)
     rebalance_wall_ms = 1e3 * (time.perf_counter() - start)
     on = _phase(model, stats, rebalancer, opt, x, device, tl, warmup=args.warmup, steps=args.steps,
-                interval=args.interval, micro_batches=args.micro_batches)
+                interval=args.interval, micro_batches=args.micro_batches,
+                timing=args.timing)
     off, on = _across_ranks(off, world, device), _across_ranks(on, world, device)
     expert_load = stats.window_load().sum(0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     result = {"bench": "rebalance", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "world": world, "ep": world, "dtype": str(dtype).replace("torch.", ""), "shape": args.shape,
-              **asdict(shape), "micro_batches": args.micro_batches,
+              **asdict(shape), "micro_batches": args.micro_batches, "timing": args.timing,
+              "overlap_refresh": not args.no_overlap_refresh,
               "slots": shape.experts + shape.redundant_per_rank * world, "zipf": args.zipf,
               "expert_load_max_over_mean": float(expert_load.max() / expert_load.mean()),
               "warmup": args.warmup, "steps": args.steps, "interval": args.interval, "max_moves": args.max_moves,
               "without": off, "with": on, "rebalance": _report_dict(report), "rebalance_wall_ms": rebalance_wall_ms,
               "remote_cost": rebalancer.last_remote_cost,
-              "speedup": off["step_ms_median"] / on["step_ms_median"], "peak_mem_gib": peak,
+              "speedup": off["step_ms"] / on["step_ms"], "peak_mem_gib": peak,
               "grouped_mm_fallbacks": fallback_counts()}
     if rank == 0:
         if args.json:

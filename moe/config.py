@@ -148,6 +148,9 @@ class MoEConfig(BaseModel):
     """Routing and balancing settings."""
     eplb: EplbConfig = EplbConfig()
     """Periodic rebalancing settings."""
+    overlap_refresh: bool = True
+    """Refresh replica weights after each optimizer step asynchronously, on a second communicator over the EP
+    ranks, so the next forward starts while they arrive (each layer waits only before its replica GEMMs)."""
 
     @property
     def num_slots(self) -> int:

@@ -30,7 +30,7 @@ Grouped GEMMs: `dualmoe.moe.grouped` (grouped_mm on CUDA bf16, the per-expert lo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -203,6 +203,8 @@ class SlotExperts(nn.Module):
         self._dirty = False  # replica grads hold data not yet sent home
         self._home_touched = [False, False]  # the homes' .grad got a contribution since the last reduce
         self._anchor: Tensor | None = None
+        # Asynchronous refresh: (work, what to do after it, tensors it reads) until someone needs the replicas.
+        self._inflight: list[tuple[dist.Work, Callable[[], None] | None, tuple[Tensor, ...]]] = []
 
     # ---- views --------------------------------------------------------------------------------------
     def homes(self) -> tuple[nn.Parameter, nn.Parameter]:
@@ -210,8 +212,24 @@ class SlotExperts(nn.Module):
         return self.gate_up_proj, self.down_proj
 
     def replicas(self) -> tuple[Tensor, Tensor]:
-        """(replica_gate_up, replica_down): rows of `layout.replica_experts`."""
+        """(replica_gate_up, replica_down): rows of `layout.replica_experts` (an asynchronous refresh in flight
+        is waited for first)."""
+        if self._inflight:
+            self.wait_refresh()
         return self.replica_gate_up, self.replica_down
+
+    def wait_refresh(self) -> None:
+        """Finish an asynchronous `refresh_replicas`: on CUDA the current stream waits (the host does not)."""
+        inflight, self._inflight = self._inflight, []
+        for work, finish, _keep_alive in inflight:
+            work.wait()
+            if finish is not None:
+                finish()
+
+    @property
+    def refresh_in_flight(self) -> bool:
+        """An asynchronous refresh was issued and nothing has waited for it yet."""
+        return bool(self._inflight)
 
     @property
     def slot_gate_up(self) -> SlotView:
@@ -329,7 +347,9 @@ class SlotExperts(nn.Module):
 
     def replicas_match_homes(self) -> bool:
         """Replica buffers have the homes' dtype and device (not so after e.g. DeepSpeed casts parameters only)."""
-        return all(r.dtype == h.dtype and r.device == h.device for r, h in zip(self.replicas(), self.homes()))
+        # The raw buffers: dtype and device do not depend on a refresh in flight, so nothing waits here.
+        return all(r.dtype == h.dtype and r.device == h.device
+                   for r, h in zip((self.replica_gate_up, self.replica_down), self.homes()))
 
     def match_homes(self) -> None:
         """Reallocate the replica buffers (zeros) with the homes' dtype and device; a refresh must follow."""
@@ -337,21 +357,41 @@ class SlotExperts(nn.Module):
                                                    for r, h in zip(self.replicas(), self.homes()))
 
     @torch.no_grad()
-    def refresh_replicas(self, exchange: ReplicaExchange, group: dist.ProcessGroup | None) -> None:
-        """Copy home weights into the replica rows named by `exchange` (collective over `group`)."""
+    def refresh_replicas(self, exchange: ReplicaExchange, group: dist.ProcessGroup | None, *,
+                         async_op: bool = False) -> None:
+        """Copy home weights into the replica rows named by `exchange` (collective over `group`).
+
+        With `async_op` the exchange is only issued: the rows to send are copied out of the homes at once
+        (the homes may change right after), and the replica buffers are complete once something waits
+        (`wait_refresh`, which every access to the replicas does first). Use a `group` of its own, or the
+        forward's all-to-alls queue behind the refresh on the same communicator.
+        """
         _check_group(exchange, group, "refresh_replicas")
+        async_op = async_op and group is not None
         with record_function("dualmoe/moe/refresh_replicas"):
             for home, buffer in zip(self.homes(), self.replicas()):
                 index = torch.tensor(exchange.send_index, dtype=torch.long, device=home.device)
                 send = home.detach().index_select(0, index)
+                recv_counts, send_counts = list(exchange.recv_counts), list(exchange.send_counts)
                 if group is not None and exchange.fills_all and buffer.is_contiguous():
                     # The received rows are the whole buffer in order: receive in place, no extra copy.
-                    dist.all_to_all_single(buffer, send, list(exchange.recv_counts), list(exchange.send_counts),
-                                           group=group)
+                    work = dist.all_to_all_single(buffer, send, recv_counts, send_counts, group=group,
+                                                  async_op=async_op)
+                    if async_op:
+                        self._inflight.append((work, None, (send,)))
                     continue
-                rows = all_to_all_rows(send, list(exchange.send_counts), list(exchange.recv_counts), group)
                 slot_index = torch.tensor(exchange.recv_index, dtype=torch.long, device=buffer.device)
-                buffer.index_copy_(0, slot_index, rows.to(buffer.dtype))
+                if not async_op:
+                    rows = all_to_all_rows(send, send_counts, recv_counts, group)
+                    buffer.index_copy_(0, slot_index, rows.to(buffer.dtype))
+                    continue
+                rows = send.new_empty((sum(recv_counts), *send.shape[1:]))
+                work = dist.all_to_all_single(rows, send, recv_counts, send_counts, group=group, async_op=True)
+
+                def finish(buffer: Tensor = buffer, slot_index: Tensor = slot_index, rows: Tensor = rows) -> None:
+                    buffer.index_copy_(0, slot_index, rows.to(buffer.dtype))
+
+                self._inflight.append((work, finish, (send, rows)))
 
     @torch.no_grad()
     def reduce_slot_grads(self, group: dist.ProcessGroup | None) -> list[nn.Parameter]:

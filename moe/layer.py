@@ -49,6 +49,24 @@ __all__ = ["MoELayer", "SharedExperts"]
 logger = logging.getLogger(__name__)
 
 
+_REFRESH_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+
+
+def refresh_group_for(ep_group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A second process group over `ep_group`'s ranks (one per rank set, shared by all layers).
+
+    Created with `use_local_synchronization`, so only the group's members take part (every member's layers
+    ask for it in the same order). Its own communicator lets the asynchronous replica refresh run beside the
+    forward's all-to-alls instead of queueing with them.
+    """
+    ranks = tuple(dist.get_process_group_ranks(ep_group))
+    group = _REFRESH_GROUPS.get(ranks)
+    if group is None or group not in dist.distributed_c10d._world.pg_map:  # none yet, or destroyed since
+        group = dist.new_group(list(ranks), use_local_synchronization=True)
+        _REFRESH_GROUPS[ranks] = group
+    return group
+
+
 class SharedExperts(nn.Module):
     """Always-on SwiGLU MLP (names of transformers' `DeepseekV3MLP`: gate_proj, up_proj, down_proj)."""
 
@@ -129,6 +147,7 @@ class MoELayer(nn.Module):
         self._slots_stale = True
         self._home_versions: tuple[int, ...] = ()
         self.ep_group: dist.ProcessGroup | None = None
+        self.refresh_group: dist.ProcessGroup | None = None  # same ranks, own communicator (overlap_refresh)
         self.stats_group = stats_group
         self.ep_rank = self._guess_ep_rank()
         self.experts.set_layout(slot_layout(self.placement, self.ep_rank))
@@ -179,6 +198,7 @@ class MoELayer(nn.Module):
                               f"before the EP group was set (this rank is EP rank {rank}); load them after "
                               "deepspeed.initialize or pass ep_group to the constructor")
         self.ep_group = ep_group if size > 1 else None
+        self.refresh_group = refresh_group_for(ep_group) if size > 1 and self.config.overlap_refresh else None
         self.stats_group = stats_group if stats_group is not None else self.stats_group
         self.dispatcher.set_group(self.ep_group)
         if rank != self.ep_rank:
@@ -299,11 +319,18 @@ class MoELayer(nn.Module):
             self._fetch_replicas(replica_exchange(placement, self.ep_rank, held=old))
 
     def refresh_slots(self) -> None:
-        """Copy home weights into every replica buffer row (collective over EP; nothing to do with R = 0)."""
+        """Copy home weights into every replica buffer row (collective over EP; nothing to do with R = 0).
+
+        With `config.overlap_refresh` (and EP > 1) the exchange runs asynchronously on `refresh_group`; the
+        layer's next use of its replicas waits for it (`SlotExperts.wait_refresh`).
+        """
         self._check_groups()
         if not self.experts.replicas_match_homes():
             self.experts.match_homes()
-        self._fetch_replicas(self.experts.layout.exchange)
+        if self.refresh_group is not None and self.experts.layout.exchange.any_rows:
+            self.experts.refresh_replicas(self.experts.layout.exchange, self.refresh_group, async_op=True)
+        else:
+            self._fetch_replicas(self.experts.layout.exchange)
         self._slots_stale = False
         self._home_versions = self._versions()
 

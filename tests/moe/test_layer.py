@@ -275,3 +275,43 @@ def test_layer_r0_boundary_has_no_collective_and_no_buffer_and_switches_keep_the
         assert result["boundary_collectives_r0"] == 0 and result["expert_buffer_bytes_r0"] == 0, result
         assert result["boundary_collectives_r2"] == 4 and result["expert_buffer_bytes_r2"] > 0, result
         assert all(v < 1e-12 for k, v in result.items() if k.startswith("switch_")), result
+
+
+def _overlap_vs_blocking_refresh(rank: int, world: int) -> dict[str, object]:
+    torch.set_default_dtype(torch.float32)
+    ep_group, _ = ep_groups(world, world)
+    ref = reference_layer(moe_config(ep=world, r=2 * world), seed=4)
+    layers, outputs, seen = [], [], {}
+    for overlap in (True, False):
+        cfg = moe_config(ep=world, r=2 * world).model_copy(update={"overlap_refresh": overlap})
+        layer = MoELayer(cfg, hidden_size=HIDDEN, ffn_hidden_size=FFN, ep_group=ep_group, dtype=torch.float64)
+        copy_weights(layer, ref)
+        layers.append(layer)
+    for layer in layers:
+        opt, stats, out = torch.optim.SGD(layer.parameters(), lr=0.1), LoadStats([layer]), []
+        for step in range(3):
+            x, t = rank_batch(rank, step=step)
+            y = layer(x)
+            if layer.config.overlap_refresh and step:
+                seen["waited_in_forward"] = not layer.experts.refresh_in_flight
+            ((y * t).sum()).backward()
+            layer.reduce_slot_grads()
+            opt.step()
+            opt.zero_grad()
+            end_step(layer, stats)
+            if layer.config.overlap_refresh:
+                seen["in_flight_after_step"] = layer.experts.refresh_in_flight
+            out.append(y.detach().clone())
+        gate_up, down = layer.gather_expert_weights()
+        outputs.append((torch.stack(out), gate_up, down, torch.stack(list(layer.experts.replicas()[0]))))
+    seen["separate_group"] = (layers[0].refresh_group is not None and layers[0].refresh_group is not ep_group
+                              and layers[1].refresh_group is None)
+    seen["bitwise_equal"] = all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
+    return seen
+
+
+@pytest.mark.dist
+def test_layer_overlapped_refresh_runs_on_its_own_group_and_equals_the_blocking_one() -> None:
+    for seen in run_ranks(_overlap_vs_blocking_refresh, world_size=2, timeout_s=120):
+        assert seen == {"waited_in_forward": True, "in_flight_after_step": True, "separate_group": True,
+                        "bitwise_equal": True}, seen
