@@ -54,7 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from dualmoe.moe.config import EplbConfig, MoEConfig, RouterConfig
 from dualmoe.moe.grouped import fallback_counts
-from dualmoe.moe.hooks import end_step, reduce_slot_grads
+from dualmoe.moe.hooks import arm_slot_grad_reduce, end_step, reduce_slot_grads
 from dualmoe.moe.layer import MoELayer
 from dualmoe.moe.rebalance import Rebalancer, RebalanceReport
 from dualmoe.moe.router import RouterOutput
@@ -108,7 +108,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-mb", type=float, default=256.0, help="migration bytes per rank per round, MiB")
     p.add_argument("--max-moves", type=int, help="eplb.max_moves: slot copies per rebalance (default: no limit)")
     p.add_argument("--no-overlap-refresh", action="store_true",
-                   help="moe.overlap_refresh false: refresh replicas blocking, on the EP group")
+                   help="moe.overlap_refresh false: refresh replicas and send their grads home at the step "
+                        "boundary, blocking, on the EP group")
     p.add_argument("--timing", choices=("back-to-back", "barrier"), default="back-to-back",
                    help="mean of consecutive steps (default) or median of barrier-separated steps")
     p.add_argument("--seed", type=int, default=0)
@@ -293,10 +294,12 @@ def _build(shape: Shape, world: int, rank: int, device: torch.device, dtype: tor
 
 def _step(model: nn.Module, stats: LoadStats, opt: torch.optim.Optimizer, x: Tensor, tl: _Timeline,
           micro_batches: int = 1) -> None:
-    for _ in range(micro_batches):
+    for micro in range(micro_batches):
         start = tl.mark()
         y = model(x)
         tl.span("forward", start)
+        if micro == micro_batches - 1:
+            arm_slot_grad_reduce(model)  # replica grads go home during this backward (with overlap_refresh)
         start = tl.mark()
         y.float().pow(2).mean().backward()
         tl.span("backward", start)

@@ -149,8 +149,10 @@ class MoEConfig(BaseModel):
     eplb: EplbConfig = EplbConfig()
     """Periodic rebalancing settings."""
     overlap_refresh: bool = True
-    """Refresh replica weights after each optimizer step asynchronously, on a second communicator over the EP
-    ranks, so the next forward starts while they arrive (each layer waits only before its replica GEMMs)."""
+    """Move replica traffic off the step boundary, on a second communicator over the EP ranks: the refresh of
+    replica weights after each optimizer step runs while the next forward starts (each layer waits only when
+    it uses its replicas), and, armed by the engine for a step's last micro-batch, each layer's replica
+    gradients leave for home as soon as the backward has passed it."""
 
     @property
     def num_slots(self) -> int:

@@ -205,6 +205,8 @@ class SlotExperts(nn.Module):
         self._anchor: Tensor | None = None
         # Asynchronous refresh: (work, what to do after it, tensors it reads) until someone needs the replicas.
         self._inflight: list[tuple[dist.Work, Callable[[], None] | None, tuple[Tensor, ...]]] = []
+        # Replica gradients already on their way home (`start_reduce`): which -> (work, received rows, sent).
+        self._reduce_inflight: dict[int, tuple[dist.Work, Tensor, Tensor]] = {}
 
     # ---- views --------------------------------------------------------------------------------------
     def homes(self) -> tuple[nn.Parameter, nn.Parameter]:
@@ -285,6 +287,9 @@ class SlotExperts(nn.Module):
 
     def _defer_wgrad(self, key: tuple[int, int], dy_MN: Tensor, x_MK: Tensor, counts: tuple[int, ...]) -> None:
         part, which = key
+        if part == REPLICA and self._reduce_inflight:
+            raise RuntimeError("a backward after the step's replica gradients were sent home "
+                               "(arm_slot_grad_reduce arms only the last micro-batch of a step)")
         self._pending_wgrad += 1
 
         def weight_grad() -> None:
@@ -413,7 +418,11 @@ class SlotExperts(nn.Module):
         _check_group(exchange, group, "reduce_slot_grads")
         with record_function("dualmoe/moe/reduce_slot_grads"):
             for which, home in enumerate(self.homes()):
-                if exchange.any_rows:
+                if which in self._reduce_inflight:
+                    work, rows, _sent = self._reduce_inflight.pop(which)
+                    work.wait()
+                    self._add_home_rows(home, rows, exchange)
+                elif exchange.any_rows:
                     self._send_replica_grads_home(which, home, exchange, group)
                 if not self._home_touched[which] and home.grad is None:
                     home.grad = torch.zeros_like(home)
@@ -423,14 +432,43 @@ class SlotExperts(nn.Module):
         self._home_touched = [False, False]
         return list(self.homes())
 
-    def _send_replica_grads_home(self, which: int, home: nn.Parameter, exchange: ReplicaExchange,
-                                 group: dist.ProcessGroup | None) -> None:
+    def start_reduce(self, group: dist.ProcessGroup) -> bool:
+        """Send this step's replica gradients home now, asynchronously on `group` (the backward goes on).
+
+        For the last micro-batch of a step, once its backward has passed this layer; `reduce_slot_grads`
+        then only waits and adds. Every EP rank must call it at the same point (it is a collective), and
+        `group` must be the one later calls use too. Returns False, doing nothing, while deferred
+        weight-grad work is queued (the boundary then sends as usual).
+        """
+        exchange = self.layout.exchange
+        if self._pending_wgrad or self._reduce_inflight or not exchange.any_rows:
+            return False
+        _check_group(exchange, group, "start_reduce")
+        with record_function("dualmoe/moe/start_reduce"):
+            for which, home in enumerate(self.homes()):
+                send = self._replica_send(which, home, exchange)
+                rows = send.new_empty((sum(exchange.send_counts), *send.shape[1:]))
+                work = dist.all_to_all_single(rows, send, list(exchange.send_counts), list(exchange.recv_counts),
+                                              group=group, async_op=True)
+                self._reduce_inflight[which] = (work, rows, send)
+        return True
+
+    def _replica_send(self, which: int, home: nn.Parameter, exchange: ReplicaExchange) -> Tensor:
         grad = self._replica_grad(which)
         if not exchange.fills_all:
             grad = grad.index_select(0, torch.tensor(exchange.recv_index, dtype=torch.long, device=grad.device))
         # Sent in the weight dtype: one rounding of the fp32 sum, as the GEMM gives a home row's dW; half the
         # bytes of fp32. The home sums the contributions of all ranks in fp32 (or wider), then adds once.
-        rows = all_to_all_rows(grad.to(home.dtype), list(exchange.recv_counts), list(exchange.send_counts), group)
+        return grad.to(home.dtype)  # not touched again before the reduce waits (it zeroes the buffers)
+
+    def _send_replica_grads_home(self, which: int, home: nn.Parameter, exchange: ReplicaExchange,
+                                 group: dist.ProcessGroup | None) -> None:
+        send = self._replica_send(which, home, exchange)
+        self._add_home_rows(home, all_to_all_rows(send, list(exchange.recv_counts), list(exchange.send_counts),
+                                                  group), exchange)
+
+    def _add_home_rows(self, home: nn.Parameter, rows: Tensor, exchange: ReplicaExchange) -> None:
+        which = 0 if home is self.gate_up_proj else 1
         if rows.shape[0] == 0:
             return
         unique = sorted(set(exchange.send_index))

@@ -53,6 +53,7 @@ from .stats import LoadStats
 
 __all__ = [
     "MoEEngineMixin",
+    "arm_slot_grad_reduce",
     "end_step",
     "hand_grads_to_optimizer",
     "initialize",
@@ -87,6 +88,13 @@ def reduce_slot_grads(model: nn.Module) -> list[nn.Parameter]:
     for layer in moe_layers(model):
         params.extend(layer.reduce_slot_grads())
     return params
+
+
+def arm_slot_grad_reduce(model: nn.Module) -> None:
+    """Before the backward of a step's last micro-batch: each layer sends its replica gradients home as soon
+    as that backward has passed it (`MoELayer.arm_slot_grad_reduce`); `reduce_slot_grads` then waits."""
+    for layer in moe_layers(model):
+        layer.arm_slot_grad_reduce()
 
 
 def refresh_slots(model: nn.Module) -> None:
@@ -181,6 +189,9 @@ class MoEEngineMixin:
     def _configure_distributed_model(self, model: nn.Module) -> None:
         super()._configure_distributed_model(model)  # type: ignore[misc]
         self._moe_layers = moe_layers(self.module)
+        from deepspeed.runtime.pipe.engine import PipelineEngine
+
+        self._moe_pipeline = isinstance(self, PipelineEngine)
         self._moe_grads_ready = False
         self._moe_callbacks: list[StepCallback] = []
         if not self._moe_layers:
@@ -204,6 +215,14 @@ class MoEEngineMixin:
             return
         hand_grads_to_optimizer(self.optimizer, reduce_slot_grads(self.module))
         self._moe_grads_ready = True
+
+    def backward(self, loss: Any, *args: Any, **kwargs: Any) -> Any:
+        # The step's last micro-batch: replica gradients can go home during this backward. Not in pipeline
+        # engines, whose stages run backward through their own instructions.
+        if (getattr(self, "_moe_layers", None) and not getattr(self, "_moe_pipeline", False)
+                and self.is_gradient_accumulation_boundary() and not self.inside_no_sync_ctxt):
+            arm_slot_grad_reduce(self.module)
+        return super().backward(loss, *args, **kwargs)  # type: ignore[misc]
 
     def _backward_epilogue(self) -> None:
         if self.is_gradient_accumulation_boundary() and not self.inside_no_sync_ctxt:

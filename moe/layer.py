@@ -101,6 +101,20 @@ class _AttachAuxLoss(torch.autograd.Function):
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)  # -1 outside a backward pass
 
 
+class _AfterBackward(torch.autograd.Function):
+    """Identity on the layer input whose backward runs `callback` once the whole layer's backward is done."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: Tensor, anchor: Tensor, callback: Callable[[], None]) -> Tensor:
+        ctx.callback = callback
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None, None]:
+        ctx.callback()
+        return grad, None, None
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass: a forward now is activation checkpointing's recompute."""
     return _graph_task_id is not None and _graph_task_id() != -1
@@ -148,6 +162,7 @@ class MoELayer(nn.Module):
         self._home_versions: tuple[int, ...] = ()
         self.ep_group: dist.ProcessGroup | None = None
         self.refresh_group: dist.ProcessGroup | None = None  # same ranks, own communicator (overlap_refresh)
+        self._reduce_armed = False
         self.stats_group = stats_group
         self.ep_rank = self._guess_ep_rank()
         self.experts.set_layout(slot_layout(self.placement, self.ep_rank))
@@ -339,6 +354,22 @@ class MoELayer(nn.Module):
         if exchange.any_rows:
             self.experts.refresh_replicas(exchange, self.ep_group)
 
+    def arm_slot_grad_reduce(self) -> None:
+        """Send replica gradients home as soon as the next backward has passed this layer (overlapping the
+        backward of the layers before it), instead of at `reduce_slot_grads`.
+
+        Call on every EP rank before the backward of a step's last micro-batch. Nothing happens without
+        `overlap_refresh` (the transfer needs `refresh_group`), without remote replicas, or while a
+        weight-grad queue defers dW (the pipeline's W split: gradients are complete only after its W work).
+        """
+        self._reduce_armed = (self.refresh_group is not None and self.experts.layout.any_remote
+                              and self.experts._queue is None)
+
+    def _backward_done(self) -> None:
+        if self._reduce_armed:
+            self._reduce_armed = False
+            self.experts.start_reduce(self.refresh_group)
+
     def reduce_slot_grads(self) -> list[nn.Parameter]:
         """Sum replica gradients into their homes' `.grad` (collective over EP when replicas exist).
 
@@ -375,6 +406,9 @@ class MoELayer(nn.Module):
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, self.hidden_size)
         self._before_forward()
+        if self.refresh_group is not None and self.experts.layout.any_remote and torch.is_grad_enabled():
+            # The earliest point where this layer's replica gradients are complete (arm_slot_grad_reduce).
+            x_TD = _AfterBackward.apply(x_TD, self.experts._grad_anchor(x_TD.device), self._backward_done)
         num_seq = math.prod(shape[:-2]) if len(shape) >= 3 else 1
         with record_function("dualmoe/moe/router"):
             routed = self.gate(x_TD, num_sequences=num_seq)

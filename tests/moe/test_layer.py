@@ -290,28 +290,42 @@ def _overlap_vs_blocking_refresh(rank: int, world: int) -> dict[str, object]:
     for layer in layers:
         opt, stats, out = torch.optim.SGD(layer.parameters(), lr=0.1), LoadStats([layer]), []
         for step in range(3):
-            x, t = rank_batch(rank, step=step)
-            y = layer(x)
-            if layer.config.overlap_refresh and step:
-                seen["waited_in_forward"] = not layer.experts.refresh_in_flight
-            ((y * t).sum()).backward()
+            for micro in range(2):  # the replica grads of both micro-batches go home after the second
+                x, t = rank_batch(rank, step=step, seed=1 + micro)
+                y = layer(x)
+                if layer.config.overlap_refresh and step and not micro:
+                    seen["waited_in_forward"] = not layer.experts.refresh_in_flight
+                if micro == 1:
+                    layer.arm_slot_grad_reduce()  # a no-op without overlap_refresh
+                ((y * t).sum()).backward()
+                if layer.config.overlap_refresh:
+                    seen.setdefault("sent_during_backward", []).append(bool(layer.experts._reduce_inflight))
+                out.append(y.detach().clone())
             layer.reduce_slot_grads()
             opt.step()
             opt.zero_grad()
             end_step(layer, stats)
             if layer.config.overlap_refresh:
                 seen["in_flight_after_step"] = layer.experts.refresh_in_flight
-            out.append(y.detach().clone())
         gate_up, down = layer.gather_expert_weights()
         outputs.append((torch.stack(out), gate_up, down, torch.stack(list(layer.experts.replicas()[0]))))
     seen["separate_group"] = (layers[0].refresh_group is not None and layers[0].refresh_group is not ep_group
                               and layers[1].refresh_group is None)
     seen["bitwise_equal"] = all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
+    layer = layers[0]  # a backward after the replica grads left is refused, not lost
+    layer.arm_slot_grad_reduce()
+    layer(rank_batch(rank, step=9)[0]).sum().backward()
+    try:
+        layer(rank_batch(rank, step=10)[0]).sum().backward()
+    except RuntimeError as err:
+        seen["late_backward_refused"] = "already sent home" in str(err) or "were sent home" in str(err)
+    layer.reduce_slot_grads()
     return seen
 
 
 @pytest.mark.dist
-def test_layer_overlapped_refresh_runs_on_its_own_group_and_equals_the_blocking_one() -> None:
+def test_layer_overlapped_refresh_and_early_grad_reduce_equal_the_blocking_ones() -> None:
     for seen in run_ranks(_overlap_vs_blocking_refresh, world_size=2, timeout_s=120):
         assert seen == {"waited_in_forward": True, "in_flight_after_step": True, "separate_group": True,
-                        "bitwise_equal": True}, seen
+                        "sent_during_backward": [False, True] * 3, "bitwise_equal": True,
+                        "late_backward_refused": True}, seen
