@@ -110,6 +110,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-overlap-refresh", action="store_true",
                    help="moe.overlap_refresh false: refresh replicas and send their grads home at the step "
                         "boundary, blocking, on the EP group")
+    p.add_argument("--no-overlap-grads", action="store_true",
+                   help="moe.overlap_grad_reduce false: replica grads go home at the step boundary")
     p.add_argument("--timing", choices=("back-to-back", "barrier"), default="back-to-back",
                    help="mean of consecutive steps (default) or median of barrier-separated steps")
     p.add_argument("--seed", type=int, default=0)
@@ -273,7 +275,7 @@ def _build(shape: Shape, world: int, rank: int, device: torch.device, dtype: tor
     remote = {} if args.remote_cost is None else {
         "remote_cost": args.remote_cost if args.remote_cost == "auto" else float(args.remote_cost)}
     cfg = MoEConfig(num_experts=shape.experts, top_k=shape.top_k, ep_size=world,
-                    overlap_refresh=not args.no_overlap_refresh,
+                    overlap_refresh=not args.no_overlap_refresh, overlap_grad_reduce=not args.no_overlap_grads,
                     num_redundant_experts=shape.redundant_per_rank * world, num_shared_experts=shape.shared,
                     router=RouterConfig(bias_update_rate=0.0, routed_scaling_factor=2.5),
                     eplb=EplbConfig(enabled=True, interval=max(args.interval, 1), window=args.steps,
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"bench": "rebalance", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "world": world, "ep": world, "dtype": str(dtype).replace("torch.", ""), "shape": args.shape,
               **asdict(shape), "micro_batches": args.micro_batches, "timing": args.timing,
-              "overlap_refresh": not args.no_overlap_refresh,
+              "overlap_refresh": not args.no_overlap_refresh, "overlap_grad_reduce": not args.no_overlap_grads,
               "slots": shape.experts + shape.redundant_per_rank * world, "zipf": args.zipf,
               "expert_load_max_over_mean": float(expert_load.max() / expert_load.mean()),
               "warmup": args.warmup, "steps": args.steps, "interval": args.interval, "max_moves": args.max_moves,

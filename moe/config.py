@@ -149,10 +149,11 @@ class MoEConfig(BaseModel):
     eplb: EplbConfig = EplbConfig()
     """Periodic rebalancing settings."""
     overlap_refresh: bool = True
-    """Move replica traffic off the step boundary, on a second communicator over the EP ranks: the refresh of
-    replica weights after each optimizer step runs while the next forward starts (each layer waits only when
-    it uses its replicas), and, armed by the engine for a step's last micro-batch, each layer's replica
-    gradients leave for home as soon as the backward has passed it."""
+    """Refresh replica weights after each optimizer step asynchronously, on a second communicator over the EP
+    ranks: the next forward starts while they arrive (each layer waits only when it uses its replicas)."""
+    overlap_grad_reduce: bool = True
+    """With overlap_refresh: armed by the engine for a step's last micro-batch, each layer's replica gradients
+    leave for home (on that second communicator) as soon as the backward has passed the layer."""
 
     @property
     def num_slots(self) -> int:

@@ -359,11 +359,12 @@ class MoELayer(nn.Module):
         backward of the layers before it), instead of at `reduce_slot_grads`.
 
         Call on every EP rank before the backward of a step's last micro-batch. Nothing happens without
-        `overlap_refresh` (the transfer needs `refresh_group`), without remote replicas, or while a
-        weight-grad queue defers dW (the pipeline's W split: gradients are complete only after its W work).
+        `overlap_grad_reduce` and `overlap_refresh` (the transfer needs `refresh_group`), without remote
+        replicas, or while a weight-grad queue defers dW (the pipeline's W split: gradients are complete only
+        after its W work).
         """
-        self._reduce_armed = (self.refresh_group is not None and self.experts.layout.any_remote
-                              and self.experts._queue is None)
+        self._reduce_armed = (self.config.overlap_grad_reduce and self.refresh_group is not None
+                              and self.experts.layout.any_remote and self.experts._queue is None)
 
     def _backward_done(self) -> None:
         if self._reduce_armed:
