@@ -421,7 +421,7 @@ class SlotExperts(nn.Module):
                 if which in self._reduce_inflight:
                     work, rows, _sent = self._reduce_inflight.pop(which)
                     work.wait()
-                    self._add_home_rows(home, rows, exchange)
+                    self._add_home_rows(which, home, rows, exchange)
                 elif exchange.any_rows:
                     self._send_replica_grads_home(which, home, exchange, group)
                 if not self._home_touched[which] and home.grad is None:
@@ -464,11 +464,10 @@ class SlotExperts(nn.Module):
     def _send_replica_grads_home(self, which: int, home: nn.Parameter, exchange: ReplicaExchange,
                                  group: dist.ProcessGroup | None) -> None:
         send = self._replica_send(which, home, exchange)
-        self._add_home_rows(home, all_to_all_rows(send, list(exchange.recv_counts), list(exchange.send_counts),
-                                                  group), exchange)
+        self._add_home_rows(which, home, all_to_all_rows(send, list(exchange.recv_counts),
+                                                         list(exchange.send_counts), group), exchange)
 
-    def _add_home_rows(self, home: nn.Parameter, rows: Tensor, exchange: ReplicaExchange) -> None:
-        which = 0 if home is self.gate_up_proj else 1
+    def _add_home_rows(self, which: int, home: nn.Parameter, rows: Tensor, exchange: ReplicaExchange) -> None:
         if rows.shape[0] == 0:
             return
         unique = sorted(set(exchange.send_index))

@@ -407,7 +407,8 @@ class MoELayer(nn.Module):
         shape = hidden_states.shape
         x_TD = hidden_states.reshape(-1, self.hidden_size)
         self._before_forward()
-        if self.refresh_group is not None and self.experts.layout.any_remote and torch.is_grad_enabled():
+        if (self.config.overlap_grad_reduce and self.refresh_group is not None and self.experts.layout.any_remote
+                and torch.is_grad_enabled()):
             # The earliest point where this layer's replica gradients are complete (arm_slot_grad_reduce).
             x_TD = _AfterBackward.apply(x_TD, self.experts._grad_anchor(x_TD.device), self._backward_done)
         num_seq = math.prod(shape[:-2]) if len(shape) >= 3 else 1
